@@ -1,0 +1,229 @@
+"""Checkpoint downloads into a user cache: progress, HTTP Range resume, size/sha256 check, atomic rename.
+
+The file is written as ``<name>.part`` and renamed into place only once it is complete and
+verified, so an interrupted download never leaves a file that looks complete. Running the
+download again resumes the ``.part`` file with an HTTP Range request.
+
+Cache directory: ``$SAM3D_CACHE_DIR`` if set, else the platform's user cache directory
+(``$XDG_CACHE_HOME/sam3dsegment`` or ``~/.cache/sam3dsegment`` on Linux,
+``~/Library/Caches/sam3dsegment`` on macOS, ``%LOCALAPPDATA%\\sam3dsegment\\Cache`` on Windows).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import logging
+import os
+import socket
+import sys
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .errors import CheckpointError, DownloadError
+from .registry import ModelSpec, get_spec
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "SAM3D_CACHE_DIR"
+CHUNK_BYTES = 1 << 20
+
+ProgressCallback = Callable[[int, "int | None"], None]
+"""Called as ``progress(bytes_done, bytes_total_or_None)`` while downloading."""
+
+
+def cache_dir() -> Path:
+    """The checkpoint cache directory (not created)."""
+    override = os.environ.get(CACHE_ENV)
+    if override:
+        return Path(override).expanduser()
+    home = Path.home()
+    if sys.platform == "win32":
+        base = Path(os.environ.get("LOCALAPPDATA", home / "AppData" / "Local"))
+        return base / "sam3dsegment" / "Cache"
+    if sys.platform == "darwin":
+        return home / "Library" / "Caches" / "sam3dsegment"
+    return Path(os.environ.get("XDG_CACHE_HOME", home / ".cache")) / "sam3dsegment"
+
+
+def cached_path(spec: ModelSpec | str) -> Path:
+    """Where the checkpoint of ``spec`` lives in the cache (it may not exist)."""
+    return cache_dir() / get_spec(spec).filename
+
+
+def is_cached(spec: ModelSpec | str) -> bool:
+    return cached_path(spec).is_file()
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(CHUNK_BYTES), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class VerifyReport:
+    """What ``verify`` found; ``ok`` is True when there are no problems."""
+
+    path: Path
+    problems: list[str] = field(default_factory=list)
+    checked: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify(spec: ModelSpec | str, path: Path | None = None, *, checksum: bool = True, load: bool = True) -> VerifyReport:
+    """Check a checkpoint file: present, size and sha256 (where the registry has them), and
+    (``load=True``) that it opens as a checkpoint of the spec's family (memory-mapped, cheap)."""
+    spec = get_spec(spec)
+    path = Path(path) if path is not None else cached_path(spec)
+    report = VerifyReport(path)
+    if not path.is_file():
+        report.problems.append(f"{path} does not exist")
+        return report
+    size = path.stat().st_size
+    if spec.file_size is not None:
+        report.checked.append("size")
+        if size != spec.file_size:
+            report.problems.append(f"size is {size} bytes, expected {spec.file_size}")
+    elif size == 0:
+        report.problems.append("file is empty")
+    if checksum and spec.sha256 and not report.problems:
+        report.checked.append("sha256")
+        actual = sha256_of(path)
+        if actual != spec.sha256:
+            report.problems.append(f"sha256 is {actual}, expected {spec.sha256}")
+    if load and not report.problems:
+        from .model_loading import load_checkpoint_state
+
+        report.checked.append(f"loads as {spec.family}")
+        try:
+            load_checkpoint_state(path, expected_family=spec.family, model_name=spec.name, mmap=True)
+        except CheckpointError as exc:
+            report.problems.append(str(exc))
+    return report
+
+
+def download(
+    spec: ModelSpec | str,
+    progress: ProgressCallback | None = None,
+    *,
+    force: bool = False,
+    timeout: float = 30.0,
+) -> Path:
+    """Download the checkpoint of ``spec`` into the cache and return its path.
+
+    An existing verified file is reused unless ``force``. Raises DownloadError on network
+    failure (the partial file is kept for resuming), a truncated transfer, or a size/sha256
+    mismatch (the bad partial file is deleted).
+    """
+    spec = get_spec(spec)
+    final = cached_path(spec)
+    if final.is_file() and not force:
+        if verify(spec, final, load=False).ok:
+            log.info("%s is already in the cache: %s", spec.name, final)
+            return final
+        log.warning("Cached %s failed verification; downloading again.", final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    part = final.with_name(final.name + ".part")
+    if force and part.exists():
+        part.unlink()
+    _fetch_to_part(spec, part, progress, timeout)
+    _check_part(spec, part)
+    os.replace(part, final)
+    log.info("Downloaded %s to %s", spec.name, final)
+    return final
+
+
+def _network_error(spec: ModelSpec, exc: BaseException) -> DownloadError:
+    return DownloadError(
+        f"Could not download '{spec.name}' from {spec.url}: {exc}. Check the network connection and run "
+        f"`sam3d models download {spec.name}` again (it resumes), or download the file elsewhere and "
+        "pass --checkpoint FILE."
+    )
+
+
+def _fetch_to_part(spec: ModelSpec, part: Path, progress: ProgressCallback | None, timeout: float) -> None:
+    have = part.stat().st_size if part.exists() else 0
+    if spec.file_size is not None and have > spec.file_size:
+        part.unlink()
+        have = 0
+    if spec.file_size is not None and have == spec.file_size:
+        return  # a previous run got every byte; only the checks remain
+    request = urllib.request.Request(spec.url, headers={"User-Agent": "sam3dsegment"})
+    if have:
+        request.add_header("Range", f"bytes={have}-")
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 416 and have:  # nothing left to send: the part file may be complete
+            return
+        raise DownloadError(
+            f"Download of '{spec.name}' from {spec.url} failed: HTTP {exc.code} {exc.reason}. "
+            "Download the file elsewhere and pass --checkpoint FILE."
+        ) from exc
+    except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError, OSError) as exc:
+        raise _network_error(spec, exc) from exc
+    with response:
+        if have and response.status == 206:
+            mode = "ab"
+        else:
+            mode, have = "wb", 0  # server ignored the Range request: start again
+        length = response.headers.get("Content-Length")
+        expected_now = int(length) if length is not None else None
+        total = have + expected_now if expected_now is not None else spec.file_size
+        done = have
+        if progress:
+            progress(done, total)
+        try:
+            with open(part, mode) as handle:
+                while True:
+                    block = response.read(CHUNK_BYTES)
+                    if not block:
+                        break
+                    handle.write(block)
+                    done += len(block)
+                    if progress:
+                        progress(done, total)
+        except (http.client.IncompleteRead, socket.timeout, TimeoutError, ConnectionError, OSError) as exc:
+            raise _network_error(spec, exc) from exc
+    if total is not None and done < total:
+        raise DownloadError(
+            f"Download of '{spec.name}' was truncated: got {done} of {total} bytes. Run "
+            f"`sam3d models download {spec.name}` again to resume, or download the file elsewhere "
+            "and pass --checkpoint FILE."
+        )
+
+
+def _check_part(spec: ModelSpec, part: Path) -> None:
+    size = part.stat().st_size
+    if spec.file_size is not None and size != spec.file_size:
+        if size < spec.file_size:
+            raise DownloadError(
+                f"Download of '{spec.name}' is incomplete: {size} of {spec.file_size} bytes. "
+                f"Run `sam3d models download {spec.name}` again to resume."
+            )
+        part.unlink()
+        raise DownloadError(
+            f"Downloaded '{spec.name}' has {size} bytes, expected {spec.file_size}; the file was deleted. "
+            "The server may have changed the file; download it elsewhere and pass --checkpoint FILE."
+        )
+    if size == 0:
+        part.unlink()
+        raise DownloadError(f"Download of '{spec.name}' from {spec.url} gave an empty file.")
+    if spec.sha256:
+        actual = sha256_of(part)
+        if actual != spec.sha256:
+            part.unlink()
+            raise DownloadError(
+                f"Checksum mismatch for '{spec.name}': sha256 {actual}, expected {spec.sha256}. "
+                f"The bad file was deleted; run `sam3d models download {spec.name}` again, or download "
+                "it elsewhere and pass --checkpoint FILE."
+            )
