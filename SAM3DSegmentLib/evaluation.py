@@ -10,14 +10,13 @@ computation excluded).
 
 Outputs: ``results.csv`` (one row per case, target and round), ``summary.md`` (mean, std and
 median per dataset and engine, first and last round), and a PNG overlay montage per case and
-target (reference green, prediction red).
+target (:mod:`montage`).
 """
 
 from __future__ import annotations
 
 import csv
 import logging
-import math
 import statistics
 import time
 import zlib
@@ -33,7 +32,7 @@ from .errors import InputError
 from .metrics import DEFAULT_NSD_TOLERANCE_MM, evaluate_masks
 from .oracle import OraclePredictor
 from .simulated_user import SimulatedUser, slice_areas
-from .volume import Volume, get_slice
+from .volume import Volume
 
 log = logging.getLogger(__name__)
 
@@ -185,8 +184,7 @@ def evaluate_dataset(
                      case.name, target, last.dice, last.nsd, last.hd95_mm, last.round, last.slices_encoded,
                      last.seconds)
             if out is not None and montage:
-                save_overlay_montage(volume, reference, prediction, config.axis,
-                                     out / f"{case.name}_{target}.png", title=f"{case.name} {target}")
+                save_overlay_montage(volume, reference, prediction, config.axis, out / f"{case.name}_{target}.png")
     if not rows:
         raise InputError("Nothing was evaluated: no case had a non-empty target. Check --cases and --targets.")
     if out is not None:
@@ -260,51 +258,10 @@ def summarise(rows: list[EvaluationRow], config: EvaluationConfig) -> str:
 
 
 def save_overlay_montage(
-    volume: Volume,
-    reference: np.ndarray,
-    prediction: np.ndarray,
-    axis: int,
-    path: str | Path,
-    n_panels: int = 6,
-    title: str = "",
+    volume: Volume, reference: np.ndarray, prediction: np.ndarray, axis: int, path: str | Path, n_panels: int = 8
 ) -> Path:
-    """A PNG of ``n_panels`` slices spread over the target: reference green, prediction red,
-    overlap yellow (outlines). Slices are windowed once for the volume."""
-    from PIL import Image, ImageDraw
-    from scipy import ndimage
+    """A PNG of up to ``n_panels`` slices spread over the target with the prediction and the
+    reference overlaid (see :mod:`montage`)."""
+    from .montage import save_montage
 
-    from .intensity import WindowSpec, window_volume
-
-    union = slice_areas(reference | prediction, axis)
-    present = np.flatnonzero(union)
-    if present.size == 0:
-        present = np.array([volume.n_slices(axis) // 2])
-    chosen = sorted({int(present[round(t)]) for t in np.linspace(0, present.size - 1, min(n_panels, present.size))})
-    image = window_volume(volume.array, WindowSpec(), volume.modality)
-    panels = []
-    for index in chosen:
-        gray = get_slice(image, axis, index)
-        rgb = np.repeat(gray[..., None], 3, axis=2).astype(np.uint8)
-        ref, pred = get_slice(reference, axis, index), get_slice(prediction, axis, index)
-        ref_edge = ref & ~ndimage.binary_erosion(ref)
-        pred_edge = pred & ~ndimage.binary_erosion(pred)
-        rgb[ref_edge] = (0, 255, 0)
-        rgb[pred_edge] = (255, 0, 0)
-        rgb[ref_edge & pred_edge] = (255, 255, 0)
-        panel = Image.fromarray(rgb)
-        scale = max(1, math.ceil(192 / max(panel.size)))
-        panel = panel.resize((panel.width * scale, panel.height * scale), Image.NEAREST)
-        ImageDraw.Draw(panel).text((3, 3), f"slice {index}", fill=(255, 255, 255))
-        panels.append(panel)
-    header = 16 if title else 0
-    sheet = Image.new("RGB", (sum(p.width for p in panels), max(p.height for p in panels) + header))
-    x = 0
-    for panel in panels:
-        sheet.paste(panel, (x, header))
-        x += panel.width
-    if title:
-        ImageDraw.Draw(sheet).text((3, 2), f"{title}  (green reference, red prediction, yellow both)",
-                                   fill=(255, 255, 255))
-    path = Path(path)
-    sheet.save(path)
-    return path
+    return save_montage(path, volume, prediction, axis=axis, reference=reference, max_tiles=n_panels)
