@@ -3,7 +3,7 @@
 Fixed by a seed (only the box jitter is random):
 
 - click: one include click at the interior-most pixel (largest distance to the background, in
-  mm) of the target on its largest slice along the propagation axis;
+  mm; the middle of a ridge of equally deep pixels) of the target on its largest slice along the propagation axis;
 - box: the target's bounding box on that slice, each side moved by up to ``box_jitter`` x the
   box's extent (uniform, seeded), clipped to the slice;
 - correction: on the worst slice (most wrong pixels among the slices where the reference or an
@@ -54,12 +54,15 @@ def slice_spacing(spacing_kji, axis: int) -> tuple[float, float]:
 
 
 def interior_point(mask: np.ndarray, spacing_rc=(1.0, 1.0)) -> tuple[int, int]:
-    """The pixel of a 2D mask farthest (in mm) from its background; the first in raster order on ties."""
+    """The pixel of a 2D mask farthest (in mm) from its background; on a ridge of equally deep
+    pixels, the one nearest their centroid (first in raster order on remaining ties)."""
     mask = np.asarray(mask, dtype=bool)
     if not mask.any():
         raise InputError("Cannot place a click in an empty region.")
     depth = ndimage.distance_transform_edt(np.pad(mask, 1), sampling=spacing_rc)[1:-1, 1:-1]
-    row, col = np.unravel_index(int(np.argmax(depth)), mask.shape)
+    deepest = np.argwhere(depth >= depth.max() - 1e-6)
+    centre = deepest.mean(axis=0)
+    row, col = deepest[int(np.argmin(((deepest - centre) ** 2).sum(axis=1)))]
     return int(row), int(col)
 
 
