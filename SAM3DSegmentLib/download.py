@@ -174,6 +174,13 @@ def _fetch_to_part(spec: ModelSpec, part: Path, progress: ProgressCallback | Non
     with response:
         if have and response.status == 206:
             mode = "ab"
+            start = _content_range_start(response.headers.get("Content-Range", ""))
+            if start != have:
+                part.unlink()
+                raise DownloadError(
+                    f"The server resumed '{spec.name}' at the wrong offset ({start}, expected {have}); the partial "
+                    f"file was deleted. Run `sam3d models download {spec.name}` again."
+                )
         else:
             mode, have = "wb", 0  # server ignored the Range request: start again
         length = response.headers.get("Content-Length")
@@ -202,18 +209,22 @@ def _fetch_to_part(spec: ModelSpec, part: Path, progress: ProgressCallback | Non
         )
 
 
+def _content_range_start(header: str) -> int | None:
+    """The first byte of a ``Content-Range: bytes START-END/TOTAL`` header, or None."""
+    try:
+        return int(header.split()[1].split("-")[0])
+    except (IndexError, ValueError):
+        return None
+
+
 def _check_part(spec: ModelSpec, part: Path) -> None:
+    """Size and sha256 of a part file the server has finished sending; a bad file is deleted."""
     size = part.stat().st_size
     if spec.file_size is not None and size != spec.file_size:
-        if size < spec.file_size:
-            raise DownloadError(
-                f"Download of '{spec.name}' is incomplete: {size} of {spec.file_size} bytes. "
-                f"Run `sam3d models download {spec.name}` again to resume."
-            )
         part.unlink()
         raise DownloadError(
             f"Downloaded '{spec.name}' has {size} bytes, expected {spec.file_size}; the file was deleted. "
-            "The server may have changed the file; download it elsewhere and pass --checkpoint FILE."
+            f"Run `sam3d models download {spec.name}` again, or download it elsewhere and pass --checkpoint FILE."
         )
     if size == 0:
         part.unlink()
