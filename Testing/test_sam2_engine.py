@@ -1,0 +1,215 @@
+"""The SAM 2 memory engine on a randomly initialised official SAM 2.1 tiny model.
+
+The model is built once by ``sam2.build_sam.build_sam2_video_predictor`` from the official
+``configs/sam2.1/sam2.1_hiera_t.yaml`` with the hydra override ``++model.image_size=256`` (the
+official code supports other input sizes: RoPE tables are recomputed for the feature size), so
+every forward runs at 256 px on the CPU. The parity tests drive the official
+``SAM2VideoPredictor`` through its public API on JPEG frames written by the test, and feed our
+session the very pixels the official loader decoded.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("sam2")
+
+from SAM3DSegmentLib.engine import PropagationOptions, StopRule  # noqa: E402
+from SAM3DSegmentLib.errors import (  # noqa: E402
+    CheckpointError,
+    ModelOutOfMemoryError,
+    PromptError,
+    PropagationCancelled,
+)
+from SAM3DSegmentLib.intensity import WindowSpec  # noqa: E402
+from SAM3DSegmentLib.prompts import Box, Point, SlicePrompt  # noqa: E402
+from SAM3DSegmentLib.registry import get_spec  # noqa: E402
+from SAM3DSegmentLib.sam2_engine import Sam2Session  # noqa: E402
+from SAM3DSegmentLib.volume import Volume  # noqa: E402
+
+# The official predictor warns on every frame that sam2's compiled extension is missing (hole filling).
+pytestmark = pytest.mark.filterwarnings("ignore:cannot import name '_C':UserWarning")
+
+IMAGE_SIZE = 256
+N_SLICES, HEIGHT, WIDTH = 7, 48, 64  # asymmetric slices catch (x, y) / (row, col) swaps
+IDENTITY_WINDOW = WindowSpec.window(255.0, 127.5)  # uint8 pixels pass through unchanged
+NO_STOP = PropagationOptions(stop=StopRule(min_area=0, min_score=None))
+
+
+@pytest.fixture(scope="module")
+def model():
+    from sam2.build_sam import build_sam2_video_predictor
+
+    torch.manual_seed(0)
+    return build_sam2_video_predictor(
+        "configs/sam2.1/sam2.1_hiera_t.yaml", None, device="cpu",
+        hydra_overrides_extra=[f"++model.image_size={IMAGE_SIZE}"],
+    )
+
+
+@pytest.fixture(scope="module")
+def spec():
+    return replace(get_spec("sam2.1_hiera_tiny"), input_size=IMAGE_SIZE)
+
+
+@pytest.fixture(scope="module")
+def frames(tmp_path_factory):
+    """A growing off-centre disc with noise, as JPEG frames (test only) and as the decoded pixels."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    rows, cols = np.mgrid[:HEIGHT, :WIDTH]
+    volume = np.full((N_SLICES, HEIGHT, WIDTH), 40, np.uint8)
+    for k in range(N_SLICES):
+        volume[k][(rows - 24) ** 2 + (cols - 30) ** 2 < (10 + 2 * k) ** 2 // 2] = 200
+    volume = (volume + rng.integers(0, 20, volume.shape)).astype(np.uint8)
+    folder = tmp_path_factory.mktemp("jpeg_frames")
+    for k in range(N_SLICES):
+        Image.fromarray(volume[k]).save(folder / f"{k:05d}.jpg", quality=95)
+    decoded = np.stack([np.asarray(Image.open(folder / f"{k:05d}.jpg")) for k in range(N_SLICES)])
+    return folder, decoded
+
+
+@pytest.fixture
+def session(model, spec, frames):
+    _, decoded = frames
+    return Sam2Session(Volume(decoded.astype(np.float32)), 0, model, spec, window=IDENTITY_WINDOW, device="cpu")
+
+
+def _official_masks(model, state, anchor, add_prompt) -> dict[int, np.ndarray]:
+    """Forward, then reset and re-prompt, then reverse: the official predictor's public API."""
+    masks = {}
+    for reverse in (False, True):
+        model.reset_state(state)
+        add_prompt(state)
+        for frame, _, logits in model.propagate_in_video(state, start_frame_idx=anchor, reverse=reverse):
+            masks[frame] = (logits[0, 0] > 0).numpy()
+    return masks
+
+
+def _assert_same(official: dict[int, np.ndarray], ours: np.ndarray) -> None:
+    assert sorted(official) == list(range(N_SLICES))
+    for k in range(N_SLICES):
+        assert np.array_equal(official[k], ours[k]), f"slice {k}: {np.count_nonzero(official[k] != ours[k])} px differ"
+    areas = [int(ours[k].sum()) for k in range(N_SLICES)]
+    assert 0 < min(areas) and max(areas) < HEIGHT * WIDTH, "masks must be non-trivial for parity to mean anything"
+
+
+@pytest.fixture(scope="module")
+def official_state(model, frames):
+    folder, _ = frames
+    return model.init_state(str(folder))
+
+
+def test_frames_are_the_official_loader_tensors(session, official_state):
+    for k in (0, N_SLICES - 1):
+        assert torch.equal(session.frames.tensor(k)[0], official_state["images"][k])
+
+
+def test_parity_with_official_video_predictor_clicks(model, session, official_state):
+    anchor = 3
+    official = _official_masks(
+        model, official_state, anchor,
+        lambda s: model.add_new_points_or_box(
+            s, anchor, 1, points=np.array([[30.0, 22.0], [5.0, 40.0]], np.float32),
+            labels=np.array([1, 0], np.int32)),
+    )
+    session.add_prompt(1, SlicePrompt(0, anchor, points=(Point(22.0, 30.0), Point(40.0, 5.0, positive=False))))
+    result = session.propagate(1, NO_STOP)
+    _assert_same(official, result.mask)
+
+
+def test_parity_with_official_video_predictor_box_and_mask(model, session, official_state, frames):
+    box_anchor = 2
+    official = _official_masks(
+        model, official_state, box_anchor,
+        lambda s: model.add_new_points_or_box(s, box_anchor, 1, box=np.array([15.0, 8.0, 45.0, 40.0], np.float32)),
+    )
+    session.add_prompt(1, SlicePrompt(0, box_anchor, box=Box(8.0, 15.0, 40.0, 45.0)))
+    _assert_same(official, session.propagate(1, NO_STOP).mask)
+
+    mask_anchor = 5
+    prompt_mask = frames[1][mask_anchor] > 120
+    official = _official_masks(
+        model, official_state, mask_anchor,
+        lambda s: model.add_new_mask(s, mask_anchor, 2, prompt_mask),
+    )
+    session.set_slice_mask(2, mask_anchor, prompt_mask)
+    ours = session.propagate(2, NO_STOP).mask
+    official[mask_anchor] = prompt_mask  # a painted slice keeps exactly the painted mask
+    _assert_same(official, ours)
+
+
+def test_lazy_encoding_preview_and_shared_features(session):
+    assert session.slices_encoded_total == 0  # opening a session encodes nothing
+    first = session.add_prompt(1, SlicePrompt(0, 3, points=(Point(22.0, 30.0),)))
+    assert session.slices_encoded_total == 1 and first.mask.shape == (HEIGHT, WIDTH)
+    session.add_prompt(1, SlicePrompt(0, 3, points=(Point(10.0, 10.0, positive=False),)))
+    assert session.slices_encoded_total == 1  # another click: decoder only
+    result = session.propagate(1, NO_STOP)
+    assert result.slices_encoded == N_SLICES - 1 and session.cache_stats().entries == N_SLICES
+    session.add_prompt(2, SlicePrompt(0, 1, box=Box(5.0, 5.0, 30.0, 30.0)))
+    second = session.propagate(2, NO_STOP)
+    assert second.slices_encoded == 0  # a second object reuses the features
+    assert second.mask[1].any()
+
+
+def test_correction_recomputes_only_touching_runs_without_reencoding(model, spec, session, frames):
+    session.add_prompt(1, SlicePrompt(0, 1, points=(Point(22.0, 30.0),)))
+    first = session.propagate(1, NO_STOP)
+    assert first.slices_encoded == N_SLICES - 1 and session.slices_encoded_total == N_SLICES
+    corrected = np.zeros((HEIGHT, WIDTH), bool)
+    corrected[12:36, 18:44] = True
+    session.set_slice_mask(1, 4, corrected)
+    second = session.propagate(1, NO_STOP)
+    assert second.slices_encoded == 0  # all features still cached
+    assert second.slices_computed == [2, 3, 5, 6]  # runs 1->2, 4->3 and 4->6; slice 0 is kept
+    assert np.array_equal(second.mask[0], first.mask[0]) and np.array_equal(second.mask[4], corrected)
+    # Each run depends only on its own anchors, so the partial recomputation equals a fresh one.
+    fresh = Sam2Session(Volume(frames[1].astype(np.float32)), 0, model, spec, window=IDENTITY_WINDOW, device="cpu")
+    fresh.add_prompt(1, SlicePrompt(0, 1, points=(Point(22.0, 30.0),)))
+    fresh.set_slice_mask(1, 4, corrected)
+    assert np.array_equal(fresh.propagate(1, NO_STOP).mask, second.mask)
+
+
+def test_stop_rule_range_and_progress(session):
+    session.add_prompt(1, SlicePrompt(0, 3, points=(Point(22.0, 30.0),)))
+    never_sure = PropagationOptions(stop=StopRule(min_area=0, min_score=0.999, patience=2))
+    result = session.propagate(1, never_sure)
+    assert result.slices_computed == [1, 2, 4, 5] and session.slices_encoded_total == 5
+    assert set(result.stop_reasons) == {"3-1", "3+1"} and "score" in result.stop_reasons["3+1"]
+    assert result.slices_with_object == [3]  # absent slices are left empty
+    ticks = []
+    ranged = session.propagate(1, replace(NO_STOP, slice_range=(2, 4)), progress=lambda d, t, i: ticks.append(i))
+    assert ranged.slices_computed == [2, 4] and ticks == [2, 4, -1]
+
+
+def test_cancel_leaves_things_as_they_were(session):
+    session.add_prompt(1, SlicePrompt(0, 3, points=(Point(22.0, 30.0),)))
+    checks = itertools.count()
+    with pytest.raises(PropagationCancelled):
+        session.propagate(1, NO_STOP, cancel=lambda: next(checks) >= 3)  # cancel at the 4th slice
+    assert session.mask(1) is None
+    assert session.propagate(1, NO_STOP).mask[0].shape == (HEIGHT, WIDTH)  # usable afterwards
+
+
+def test_clear_errors(model, spec, session):
+    volume = session.volume
+    with pytest.raises(CheckpointError, match="SAM2Base"):
+        Sam2Session(volume, 0, torch.nn.Linear(2, 2), spec)
+    with pytest.raises(CheckpointError, match="slice-wise engine"):
+        Sam2Session(volume, 0, model, get_spec("sam_vit_b"))
+    with pytest.raises(CheckpointError, match="256 px"):
+        Sam2Session(volume, 0, model, get_spec("sam2.1_hiera_tiny"))
+    with pytest.raises(PromptError, match="slices 0..6"):
+        session.add_prompt(1, SlicePrompt(0, N_SLICES, points=(Point(5.0, 5.0),)))
+    with pytest.raises(PromptError, match="empty"):
+        session.set_slice_mask(1, 2, np.zeros((HEIGHT, WIDTH), bool))
+    with pytest.raises(ModelOutOfMemoryError, match="smaller cache budget"):
+        with session._model_context():
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
