@@ -72,6 +72,10 @@ def choose_engine(engine: str = "auto", model: str | None = None, checkpoint: st
         spec = get_spec(DEFAULT_SAM2_MODEL if engine == "sam2" else "sam_vit_b")
     if engine == "sam2" and spec.family != "sam2":
         raise InputError(f"The sam2 engine needs a SAM 2 model; {spec.name} is a {spec.family} model.")
+    if engine == "slicewise" and spec.family != "sam":
+        raise InputError(
+            f"The slicewise engine runs SAM / MedSAM models; {spec.name} is a SAM 2 model: use --engine sam2."
+        )
     chosen = _engine_of(spec) if engine == "auto" else engine
     if checkpoint is not None:
         path = Path(checkpoint).expanduser()
@@ -164,14 +168,18 @@ def open_session(
         )
     if choice.engine == "sam2":
         try:
+            from .model_loading import build_model
             from .sam2_engine import Sam2Session
         except ImportError as exc:
             raise DependencyError(
                 f"The SAM 2 engine is not available in this build ({exc}); use --engine weightfree."
             ) from exc
+        from .devices import select_device
+
+        torch_device = select_device(device)
+        model = build_model(choice.spec, choice.checkpoint_path, torch_device, video=True)
         return Sam2Session(
-            volume, axis, spec=choice.spec, checkpoint_path=choice.checkpoint_path,
-            device=device, window=window, **options,
+            volume, axis, model, choice.spec, window=window or WindowSpec(), device=torch_device, **options
         )
     raise InputError(f"Unknown engine {choice.engine!r}; choose one of {', '.join(ENGINES[1:])}.")
 

@@ -56,12 +56,13 @@ def make_sample(shape_kji=(32, 112, 128), seed: int = 0) -> SampleCase:
     liver = ((x + 8.0) / 32.0) ** 2 + ((y - 2.0) / 26.0) ** 2 + (z / 60.0) ** 2 <= 1.0
     hu[liver] = 60.0
     texture = ndimage.gaussian_filter(rng.normal(0.0, 1.0, shape_kji).astype(np.float32), (0.6, 2.0, 2.0))
-    hu += 40.0 * texture * body
+    texture /= texture.std()  # unit-variance blobs a few mm across
+    hu += 15.0 * texture * body
 
     centre = np.array([1.5, 3.0, -5.0])  # z, y, x in mm
     radii = np.array([12.0, 11.0, 14.0])
     lesion = ((z - centre[0]) / radii[0]) ** 2 + ((y - centre[1]) / radii[1]) ** 2 + ((x - centre[2]) / radii[2]) ** 2 <= 1.0
-    hu[lesion] = 5.0 + 40.0 * texture[lesion]
+    hu[lesion] = 10.0 + 10.0 * texture[lesion]
     hu += rng.normal(0.0, 12.0, shape_kji).astype(np.float32)
     hu = ndimage.gaussian_filter(hu, (0.3, 0.7, 0.7))  # scanner blur
 

@@ -20,8 +20,10 @@ Seeds (all sizes are in millimetres and converted with the volume's in-plane spa
   (80 mm: a kidney, a large lesion or most spleens fit) from the clicks; with a box or mask it reaches
   ``roi_margin_fraction`` of the object's size (at least ``roi_margin_mm``) beyond it.
 
-The score is ``2 * mean(p) - 1`` over the mask (0 = a coin toss, 1 = certain), so the
-propagation's :class:`~SAM3DSegmentLib.engine.StopRule` can judge a slice; the stability is the
+The score is ``2 * mean(p) - 1`` over the mask (0 = a coin toss, 1 = certain), multiplied during
+propagation by the fraction of the neighbour's eroded mask whose intensity still matches the
+object (it falls where the object ends), so the propagation's
+:class:`~SAM3DSegmentLib.engine.StopRule` (score < 0.5) can stop there; the stability is the
 IoU of the masks at p > 0.6 and p > 0.4.
 
 Used as a ``SlicePredictor`` of :mod:`SAM3DSegmentLib.slicewise`, it makes the weight-free
@@ -66,6 +68,7 @@ class RandomWalkerOptions:
     smoothing_sigma_px: float = 1.0
     fill_holes: bool = True
     click_refinements: int = 1
+    alike_full: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -117,7 +120,7 @@ class RandomWalkerPredictor:
 
     def predict(self, index: int, prompt: SlicePrompt, previous: SliceMask | None = None) -> SliceMask:
         """The mask on slice ``index`` for ``prompt``; ``previous`` is the neighbour's result."""
-        image = self._slice(index)
+        image = self._slice(index)  # lightly smoothed: the random walker is sensitive to noise
         mask_prompt = prompt.mask
         if mask_prompt is not None and not np.any(mask_prompt):
             mask_prompt = None
@@ -134,17 +137,19 @@ class RandomWalkerPredictor:
         empty = SliceMask(np.zeros(image.shape, dtype=bool), 0.0, 0.0, RandomWalkerExtra(stats))
         if mask_prompt is None and prompt.box is None and not any(p.positive for p in prompt.points):
             return empty
-        mask, probability, roi = self._segment(image, prompt, mask_prompt, stats)
+        mask, probability, roi, alike = self._segment(image, prompt, mask_prompt, stats)
         clicks_only = mask_prompt is None and prompt.box is None
         for _ in range(self.options.click_refinements if clicks_only else 0):
             if not mask.any():
                 break
             # a click seeds only a small disk: segment again with the first result as a mask prompt
-            mask, probability, roi = self._segment(image, prompt, mask, stats)
+            mask, probability, roi, _ = self._segment(image, prompt, mask, stats)
         if not mask.any():
             return empty
         inside = probability[mask[roi]]
-        score = float(np.clip(2.0 * inside.mean() - 1.0, 0.0, 1.0))
+        certainty = float(np.clip(2.0 * inside.mean() - 1.0, 0.0, 1.0))
+        likeness = min(1.0, alike / self.options.alike_full) if previous is not None else 1.0
+        score = certainty * likeness
         high, low = probability > 0.6, probability > 0.4
         stability = float(high.sum() / max(low.sum(), 1))
         return SliceMask(mask, score, stability, RandomWalkerExtra(stats, roi))
@@ -152,17 +157,18 @@ class RandomWalkerPredictor:
     # --- pieces ---------------------------------------------------------------------------------
 
     def _segment(self, image, prompt, mask_prompt, stats):
-        """(mask, ROI probabilities, ROI) of one random walk."""
+        """(mask, ROI probabilities, ROI, alike) of one random walk; ``alike`` is the fraction of
+        the eroded mask prompt whose intensity still matches the object (1 without a mask)."""
         roi = self._roi(image.shape, prompt, mask_prompt)
-        seeds = self._seeds(image, prompt, mask_prompt, stats, roi)
+        seeds, alike = self._seeds(image, prompt, mask_prompt, stats, roi)
         mask = np.zeros(image.shape, dtype=bool)
         if not np.any(seeds == FOREGROUND):
-            return mask, np.zeros(seeds.shape, dtype=np.float32), roi
+            return mask, np.zeros(seeds.shape, dtype=np.float32), roi, alike
         probability = self._random_walk(image[roi], seeds)
         mask[roi] = probability > 0.5
         if self.options.fill_holes:
             mask[roi] = ndimage.binary_fill_holes(mask[roi])
-        return mask, probability, roi
+        return mask, probability, roi, alike
 
     # --- seeds ---------------------------------------------------------------------------------
 
@@ -241,14 +247,16 @@ class RandomWalkerPredictor:
         c1 = min(shape[1], int(np.ceil(max(cols) + margin[1])) + 1)
         return slice(r0, r1), slice(c0, c1)
 
-    def _seeds(self, image, prompt: SlicePrompt, mask_prompt, stats: ForegroundStats, roi) -> np.ndarray:
+    def _seeds(self, image, prompt: SlicePrompt, mask_prompt, stats: ForegroundStats, roi) -> tuple[np.ndarray, float]:
         o = self.options
         shape = image.shape
         foreground = np.zeros(shape, dtype=bool)
         background = np.zeros(shape, dtype=bool)
         tolerance = max(o.intensity_sigmas * stats.spread, o.intensity_floor_fraction * self.intensity_range)
         unlike = np.abs(image - stats.centre) > tolerance
-        background |= unlike
+        # leave a band of two pixels next to object-like pixels unseeded: edges are blurred,
+        # and the random walker places the boundary better than a threshold
+        background |= ndimage.binary_erosion(unlike, iterations=2, border_value=1)
 
         clicked = np.zeros(shape, dtype=bool)
         for p in prompt.points:
@@ -263,8 +271,11 @@ class RandomWalkerPredictor:
             outside[int(np.ceil(b.row0)): int(np.floor(b.row1)) + 1, int(np.ceil(b.col0)): int(np.floor(b.col1)) + 1] = False
             background |= outside
             foreground |= self._box_core(shape, prompt) & ~unlike
+        alike = 1.0
         if mask_prompt is not None and mask_prompt.any():
-            foreground |= self._eroded(mask_prompt) & ~unlike
+            core = self._eroded(mask_prompt)
+            foreground |= core & ~unlike
+            alike = float(np.count_nonzero(core & ~unlike) / np.count_nonzero(core))
             radius_mm = np.sqrt(mask_prompt.sum() * np.prod(self.pixel_mm) / np.pi)
             ring_mm = max(o.mask_ring_mm, o.mask_ring_fraction * radius_mm)
             outside_distance = ndimage.distance_transform_edt(~mask_prompt, sampling=self.pixel_mm)
@@ -288,7 +299,7 @@ class RandomWalkerPredictor:
         if roi[1].stop == shape[1]:
             on_image_edge[:, -1] = True
         seeds[border & ~on_image_edge & (seeds == 0)] = BACKGROUND
-        return seeds
+        return seeds, alike
 
     def _random_walk(self, image: np.ndarray, seeds: np.ndarray) -> np.ndarray:
         """Probability of each ROI pixel of belonging to the foreground."""
