@@ -131,6 +131,11 @@ def download(
             log.info("%s is already in the cache: %s", spec.name, final)
             return final
         log.warning("Cached %s failed verification; downloading again.", final)
+    if not spec.direct_download:
+        raise DownloadError(
+            f"'{spec.name}' has no direct download: its publisher shares it at {spec.url}. Download "
+            f"{spec.filename} there, then pass --checkpoint FILE or copy it to {final}."
+        )
     final.parent.mkdir(parents=True, exist_ok=True)
     part = final.with_name(final.name + ".part")
     if force and part.exists():

@@ -223,6 +223,11 @@ def resolve_checkpoint(spec_or_name: ModelSpec | str, checkpoint: str | Path | N
             f"The cached checkpoint {path} for '{spec.name}' failed verification ({'; '.join(report.problems)}). "
             f"Run `sam3d models download {spec.name}` to fetch it again, or pass --checkpoint FILE."
         )
+    if not spec.direct_download:
+        raise CheckpointError(
+            f"No checkpoint for model '{spec.name}' in the cache. Its publisher shares it at {spec.url}: "
+            f"download {spec.filename} there, then pass --checkpoint FILE or copy it to {path}."
+        )
     raise CheckpointError(
         f"No checkpoint for model '{spec.name}' in the cache ({path.parent}). "
         f"Run `sam3d models download {spec.name}`, or pass a local file with --checkpoint FILE."

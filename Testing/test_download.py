@@ -208,3 +208,16 @@ def test_verify_reports_problems(tmp_path):
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     assert download.verify(dataclasses.replace(spec, sha256=digest)).ok
     assert "sha256" in download.verify(dataclasses.replace(spec, sha256="1" * 64)).problems[0]
+
+
+def test_cli_download_with_progress_bar(server, monkeypatch, capsys):
+    from SAM3DSegmentLib import registry
+    from SAM3DSegmentLib.cli import main
+
+    monkeypatch.setitem(registry.REGISTRY, "sam2.1_hiera_tiny", _spec(server))
+    assert main(["models", "download", "sam2.1_hiera_tiny"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() == str(download.cache_dir() / "model.pt")
+    assert "100%" in captured.err
+    assert main(["models", "verify", "sam2.1_hiera_tiny"]) == 1  # random bytes: not a checkpoint
+    assert "cannot be read" in capsys.readouterr().err
