@@ -26,7 +26,6 @@ from .volume import Volume
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
-LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
 
 @dataclass
@@ -57,34 +56,13 @@ class Case:
         raise InputError(f"Case {self.name} has no structure '{target}'. Known: {', '.join(known)}.")
 
 
-def read_image(path: str | Path) -> Volume:
-    """A volume from any file SimpleITK reads, with its geometry as an IJK-to-RAS matrix."""
-    import SimpleITK as sitk
-
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"Image file {path} does not exist.")
-    image = sitk.ReadImage(str(path))
-    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
-        raise InputError(f"{path} is not a 3D scalar image; give one volume per file.")
-    direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
-    matrix = np.eye(4)
-    matrix[:3, :3] = LPS_TO_RAS @ direction @ np.diag(image.GetSpacing())
-    matrix[:3, 3] = LPS_TO_RAS @ np.asarray(image.GetOrigin(), dtype=float)
-    return Volume(sitk.GetArrayFromImage(image), matrix, name=path.name.split(".")[0])
-
-
 def load_case(case: Case) -> tuple[Volume, np.ndarray]:
-    """The case's volume and label map, checked to be on the same grid."""
-    volume = read_image(case.image_path)
-    volume.name, volume.modality = case.name, case.modality
-    label = read_image(case.label_path)
-    if label.shape != volume.shape or not np.allclose(label.ijk_to_ras, volume.ijk_to_ras, atol=1e-3):
-        raise InputError(
-            f"Case {case.name}: the label map is not on the image's grid (shape {label.shape} vs "
-            f"{volume.shape}); resample it onto the image first."
-        )
-    return volume, np.asarray(label.array)
+    """The case's volume and label map (which must lie on the image's grid), read by :mod:`io`."""
+    from .io import read_label_map, read_volume
+
+    volume = read_volume(case.image_path, modality=case.modality)
+    volume.name = case.name
+    return volume, np.asarray(read_label_map(case.label_path, volume))
 
 
 def target_mask(case: Case, label: np.ndarray, target: str) -> np.ndarray:
