@@ -100,7 +100,7 @@ def parse_window(text: str):
 def to_kji(volume, values: list[float], ras: bool) -> tuple[float, float, float]:
     """Voxel (k, j, i) of an IJK index triple or (with ``ras``) a RAS point."""
     if ras:
-        k, j, i = volume.ras_to_kji(values)
+        k, j, i = np.round(volume.ras_to_kji(values), 6)  # drop floating-point noise of the inverse
         return float(k), float(j), float(i)
     i, j, k = values
     return float(k), float(j), float(i)

@@ -1,0 +1,100 @@
+"""Engine choice ("which engine ran and why") and the session factory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from SAM3DSegmentLib.download import cache_dir
+from SAM3DSegmentLib.engine import Session
+from SAM3DSegmentLib.engines import EngineChoice, auto_preference, choose_engine, open_session
+from SAM3DSegmentLib.errors import CheckpointError, InputError
+from SAM3DSegmentLib.prompts import prompt_from_voxels
+from SAM3DSegmentLib.registry import get_spec
+from SAM3DSegmentLib.sample_data import make_sample
+
+
+def place_in_cache(model: str) -> Path:
+    """A sparse file of the registered size under the model's cache name. Only the engine choice
+    looks at it (it is never loaded here); loading real checkpoints is tested in
+    test_model_loading.py."""
+    spec = get_spec(model)
+    path = cache_dir() / spec.filename
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as handle:
+        handle.truncate(spec.file_size or 1)
+    return path
+
+
+def test_auto_without_checkpoints_uses_the_weightfree_engine_and_says_why():
+    choice = choose_engine("auto")
+    assert choice.engine == "weightfree" and choice.spec is None and choice.checkpoint_path is None
+    assert "no SAM checkpoint in cache" in choice.reason
+    assert "sam3d models download sam2.1_hiera_tiny" in choice.reason
+
+
+def test_auto_prefers_sam21_tiny_when_cached():
+    place_in_cache("sam_vit_b")
+    assert choose_engine("auto").engine == "slicewise"
+    path = place_in_cache("sam2.1_hiera_tiny")
+    choice = choose_engine("auto")
+    assert (choice.engine, choice.spec.name, choice.checkpoint_path) == ("sam2", "sam2.1_hiera_tiny", path)
+    assert "sam2.1_hiera_tiny" in choice.reason
+    assert auto_preference()[0] == "sam2.1_hiera_tiny"
+
+
+def test_auto_with_a_model_that_is_not_cached_falls_back_with_advice():
+    choice = choose_engine("auto", model="medsam_vit_b")
+    assert choice.engine == "weightfree"
+    assert "sam3d models download medsam_vit_b" in choice.reason
+
+
+def test_given_checkpoint_is_used_and_its_model_recognised_by_file_name(tmp_path):
+    path = tmp_path / "sam_vit_b_01ec64.pth"
+    path.write_bytes(b"x")
+    choice = choose_engine("auto", checkpoint=path)
+    assert (choice.engine, choice.spec.name, choice.checkpoint_path) == ("slicewise", "sam_vit_b", path)
+    with pytest.raises(InputError, match="--model"):
+        choose_engine("auto", checkpoint=tmp_path / "my_model.pt")
+
+
+def test_explicit_engines_need_their_checkpoint():
+    with pytest.raises(CheckpointError, match="sam3d models download sam2.1_hiera_tiny"):
+        choose_engine("sam2")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        choose_engine("slicewise", model="sam_vit_b", checkpoint="/nonexistent/sam.pth")
+
+
+@pytest.mark.parametrize(
+    "engine, model, message",
+    [
+        ("sam3", None, "Unknown engine"),
+        ("sam2", "sam_vit_b", "needs a SAM 2 model"),
+        ("slicewise", "sam2.1_hiera_tiny", "use --engine sam2"),
+        ("weightfree", "sam_vit_b", "uses no model"),
+        ("auto", "no_such_model", "Unknown model"),
+    ],
+)
+def test_bad_requests_are_clear_errors(engine, model, message):
+    with pytest.raises(InputError, match=message):
+        choose_engine(engine, model)
+
+
+def test_weightfree_session_from_the_factory():
+    sample = make_sample(shape_kji=(20, 80, 96))
+    choice = EngineChoice("weightfree", None, None, "test")
+    session = open_session(choice, sample.volume, 0, projection="mask", beta=100.0)
+    assert isinstance(session, Session)
+    assert session.predictor.options.beta == 100.0
+    session.add_prompt(1, prompt_from_voxels(0, [sample.click_kji]))
+    result = session.propagate(1)
+    assert result.engine == "weightfree"
+    assert np.count_nonzero(result.mask & sample.truth) > 0.7 * np.count_nonzero(sample.truth)
+
+
+def test_unknown_engine_in_a_choice_is_refused():
+    sample = make_sample(shape_kji=(8, 40, 40))
+    with pytest.raises(InputError, match="Unknown engine"):
+        open_session(EngineChoice("magic", None, None, ""), sample.volume, 0)
