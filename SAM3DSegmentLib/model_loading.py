@@ -154,7 +154,13 @@ def load_checkpoint_state(
     if path.stat().st_size == 0:
         raise CheckpointError(f"Checkpoint file {path} is empty. {fix}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError:
+            if not mmap:
+                raise
+            # Old (non-zip) checkpoints cannot be memory-mapped: read them normally.
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for damaged files
         raise CheckpointError(
             f"Checkpoint file {path} cannot be read: it is corrupt, truncated or not a PyTorch "
