@@ -173,11 +173,8 @@ def read_volume(path: str | Path, component: int | None = None, modality: str | 
 
 def _grid_differences(image, reference: Volume) -> list[str]:
     differences = []
-    shape = _sitk().GetArrayFromImage(image).shape if image.GetDimension() == 3 else None
     if tuple(image.GetSize())[::-1] != reference.shape:
         differences.append(f"size (i, j, k) {tuple(image.GetSize())} vs image {reference.shape[::-1]}")
-    if shape is None:
-        return differences
     matrix = ijk_to_ras_of(image)
     spacing = np.linalg.norm(matrix[:3, :3], axis=0)
     ref_spacing = np.linalg.norm(reference.ijk_to_ras[:3, :3], axis=0)

@@ -304,3 +304,14 @@ def test_real_case_image_and_label(shared_data):
     assert labels.shape == volume.shape
     present = {int(v) for v in np.unique(labels)} - {0}
     assert present and present <= {int(k) for k in case["labels"]}
+
+
+def test_real_case_label_round_trip(shared_data, tmp_path):
+    cases = json.loads((shared_data / "cases.json").read_text())
+    folder = shared_data / cases[-1]["case"]
+    volume = read_volume(folder / "image.nii.gz")
+    labels = read_label_map(folder / "label.nii.gz", volume)
+    for suffix in (".nii.gz", ".nrrd"):
+        out = write_label_map(labels, volume, tmp_path / f"copy{suffix}")
+        np.testing.assert_array_equal(read_label_map(out, volume), labels)
+        np.testing.assert_allclose(read_volume(out).ijk_to_ras, volume.ijk_to_ras, atol=1e-4)
