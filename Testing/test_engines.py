@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from SAM3DSegmentLib import download
 from SAM3DSegmentLib.download import cache_dir
 from SAM3DSegmentLib.engine import Session
 from SAM3DSegmentLib.engines import EngineChoice, auto_preference, choose_engine, open_session
@@ -17,14 +18,16 @@ from SAM3DSegmentLib.sample_data import make_sample
 
 
 def place_in_cache(model: str) -> Path:
-    """A sparse file of the registered size under the model's cache name. Only the engine choice
-    looks at it (it is never loaded here); loading real checkpoints is tested in
-    test_model_loading.py."""
+    """A sparse file of the registered size under the model's cache name, with the registered
+    sha256 recorded as if ``sam3d models download`` had verified it. Only the engine choice looks
+    at it (it is never loaded here); loading real checkpoints is tested in test_model_loading.py."""
     spec = get_spec(model)
     path = cache_dir() / spec.filename
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as handle:
         handle.truncate(spec.file_size or 1)
+    if spec.sha256:
+        download.record_sha256(path, spec.sha256)
     return path
 
 
@@ -98,3 +101,29 @@ def test_unknown_engine_in_a_choice_is_refused():
     sample = make_sample(shape_kji=(8, 40, 40))
     with pytest.raises(InputError, match="Unknown engine"):
         open_session(EngineChoice("magic", None, None, ""), sample.volume, 0)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("model_name, engine", [("sam2.1_hiera_tiny", "sam2")])
+def test_factory_opens_sam_engines_from_a_checkpoint_file(tmp_path, model_name, engine):
+    """A randomly initialised official model saved in the official format; the factory opens the
+    engine from that file (running it is tested with small models in the engines' own tests).
+    Only SAM 2.1 tiny here: building and saving SAM ViT-B costs ~15 s on the CI machine."""
+    torch = pytest.importorskip("torch")
+    from SAM3DSegmentLib.model_loading import build_model
+
+    spec = get_spec(model_name)
+    torch.manual_seed(0)
+    path = tmp_path / spec.filename
+    torch.save({"model": build_model(spec, None, "cpu").state_dict()} if spec.family == "sam2"
+               else build_model(spec, None, "cpu").state_dict(), path)
+    choice = choose_engine("auto", checkpoint=path)
+    assert (choice.engine, choice.spec.name) == (engine, model_name)
+    sample = make_sample(shape_kji=(4, 40, 48))
+    session = open_session(choice, sample.volume, 0, device="cpu")
+    try:
+        assert isinstance(session, Session)
+        assert session.engine_name.startswith(engine)
+        assert session.slices_encoded_total == 0  # nothing encoded before a prompt
+    finally:
+        session.close()
