@@ -66,6 +66,33 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _record_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def record_sha256(path: Path, digest: str) -> None:
+    """Remember ``digest`` for a cached ``path`` as it is now (size and modification time)."""
+    if path.parent.resolve() != cache_dir().resolve():
+        return  # never write beside the user's own files
+    stat = path.stat()
+    try:
+        _record_path(path).write_text(f"{digest} {stat.st_size} {stat.st_mtime_ns}\n")
+    except OSError as exc:
+        log.debug("Cannot record the sha256 of %s: %s", path, exc)
+
+
+def recorded_sha256(path: Path) -> str | None:
+    """The remembered sha256 of ``path``, if the file has not changed since it was recorded."""
+    try:
+        digest, size, mtime_ns = _record_path(path).read_text().split()
+        stat = path.stat()
+    except (OSError, ValueError):
+        return None
+    if int(size) != stat.st_size or int(mtime_ns) != stat.st_mtime_ns:
+        return None
+    return digest
+
+
 @dataclass
 class VerifyReport:
     """What ``verify`` found; ``ok`` is True when there are no problems."""
@@ -97,7 +124,10 @@ def verify(spec: ModelSpec | str, path: Path | None = None, *, checksum: bool = 
         report.problems.append("file is empty")
     if checksum and spec.sha256 and not report.problems:
         report.checked.append("sha256")
-        actual = sha256_of(path)
+        actual = recorded_sha256(path)
+        if actual is None:
+            actual = sha256_of(path)
+            record_sha256(path, actual)
         if actual != spec.sha256:
             report.problems.append(f"sha256 is {actual}, expected {spec.sha256}")
     if load and not report.problems:
@@ -141,8 +171,10 @@ def download(
     if force and part.exists():
         part.unlink()
     _fetch_to_part(spec, part, progress, timeout)
-    _check_part(spec, part)
+    digest = _check_part(spec, part)
     os.replace(part, final)
+    if digest:
+        record_sha256(final, digest)
     log.info("Downloaded %s to %s", spec.name, final)
     return final
 
@@ -222,8 +254,9 @@ def _content_range_start(header: str) -> int | None:
         return None
 
 
-def _check_part(spec: ModelSpec, part: Path) -> None:
-    """Size and sha256 of a part file the server has finished sending; a bad file is deleted."""
+def _check_part(spec: ModelSpec, part: Path) -> str | None:
+    """Check size and sha256 of a part file the server has finished sending (a bad file is
+    deleted); the verified sha256, or None when the registry has none."""
     size = part.stat().st_size
     if spec.file_size is not None and size != spec.file_size:
         part.unlink()
@@ -243,3 +276,5 @@ def _check_part(spec: ModelSpec, part: Path) -> None:
                 f"The bad file was deleted; run `sam3d models download {spec.name}` again, or download "
                 "it elsewhere and pass --checkpoint FILE."
             )
+        return actual
+    return None

@@ -221,3 +221,24 @@ def test_cli_download_with_progress_bar(server, monkeypatch, capsys):
     assert "100%" in captured.err
     assert main(["models", "verify", "sam2.1_hiera_tiny"]) == 1  # random bytes: not a checkpoint
     assert "cannot be read" in capsys.readouterr().err
+
+
+def test_sha256_recorded_at_download_and_tampering_detected(server):
+    import os
+
+    from SAM3DSegmentLib.errors import CheckpointError
+    from SAM3DSegmentLib.model_loading import resolve_checkpoint
+
+    spec = _spec(server)
+    path = download.download(spec, timeout=5)
+    assert download.recorded_sha256(path) == spec.sha256
+    assert resolve_checkpoint(spec) == path
+    # Same size, different bytes, later modification time: the record no longer applies.
+    tampered = bytearray(PAYLOAD)
+    tampered[0] ^= 0xFF
+    path.write_bytes(bytes(tampered))
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert download.recorded_sha256(path) is None
+    with pytest.raises(CheckpointError, match="failed verification.*sha256"):
+        resolve_checkpoint(spec)

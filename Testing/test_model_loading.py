@@ -4,6 +4,7 @@ checkpoint format, and loaded back through the registry's local-checkpoint path.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 
 import pytest
 import torch
@@ -122,7 +123,7 @@ def test_resolve_checkpoint_from_cache_or_advice(tmp_path, monkeypatch):
         resolve_checkpoint("sam2.1_hiera_tiny")
     with pytest.raises(CheckpointError, match="does not exist"):
         resolve_checkpoint("sam2.1_hiera_tiny", tmp_path / "missing.pt")
-    spec = dataclasses.replace(get_spec("sam2.1_hiera_tiny"), file_size=10)
+    spec = dataclasses.replace(get_spec("sam2.1_hiera_tiny"), file_size=10, sha256=None)
     cached = download.cached_path(spec)
     cached.parent.mkdir(parents=True, exist_ok=True)
     cached.write_bytes(b"0123456789")
@@ -130,6 +131,13 @@ def test_resolve_checkpoint_from_cache_or_advice(tmp_path, monkeypatch):
     cached.write_bytes(b"01234")
     with pytest.raises(CheckpointError, match="failed verification"):
         resolve_checkpoint(spec)
+    # A file copied into the cache by hand is hashed once against the registry's sha256.
+    cached.write_bytes(b"0123456789")
+    digest = hashlib.sha256(b"0123456789").hexdigest()
+    assert resolve_checkpoint(dataclasses.replace(spec, sha256=digest)) == cached
+    assert download.recorded_sha256(cached) == digest
+    with pytest.raises(CheckpointError, match="sha256"):
+        resolve_checkpoint(dataclasses.replace(spec, sha256="0" * 64))
 
 
 def test_overrides_are_sam2_only():
