@@ -1,0 +1,12 @@
+"""The SAM 3D Slicer logic: MRML <-> library, without Qt (tested on real MRML with slicer-core).
+
+- :mod:`.volume_nodes`: volume node -> library ``Volume``; labelmaps <-> numpy.
+- :mod:`.view_prompts`: RAS clicks / boxes in a slice view -> ``SlicePrompt`` on the best-aligned axis.
+- :mod:`.masking`: the Segment Editor's editable area, intensity range and overwrite settings.
+- :mod:`.segment_writer`: writing a mask into one segment (undo state first, changed extent only).
+- :mod:`.segment_propagation`: prompts, preview, propagate, re-propagate after edits.
+- :mod:`.worker`: one worker thread owning the session; events polled on the main thread.
+- :mod:`.settings`: the panel's settings kept in a parameter node.
+- :mod:`.dependencies`: which Python packages are missing and how to install them.
+- :mod:`.messages`: user-facing messages for errors.
+"""

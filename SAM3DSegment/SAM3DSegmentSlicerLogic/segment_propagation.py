@@ -1,0 +1,210 @@
+"""Prompts, preview, propagation and re-propagation of segments, between MRML and a Session.
+
+The steps are split by thread: reading and writing MRML (``*_from_*``, ``edited_slices``,
+``write_*``) runs on the main thread; ``preview_in_session`` and ``propagate_in_session`` do the
+model work and run on the worker thread that owns the session. ``add_prompt`` and ``propagate``
+chain the steps on one thread for scripts, tests and the self-test.
+
+Re-propagation: the segment as last written is remembered per segment. Slices that differ
+from it when Propagate is pressed were edited by the user (any Segment Editor tool) and become
+anchors through ``Session.set_slice_mask``; the session then recomputes only the runs that
+touch changed anchors.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from SAM3DSegmentLib.engine import PropagationOptions, PropagationResult, Preview, Session
+from SAM3DSegmentLib.errors import PromptError
+from SAM3DSegmentLib.prompts import SlicePrompt
+from SAM3DSegmentLib.volume import AXIS_NAMES, Volume, get_slice, slice_index_tuple
+
+from .masking import MaskingSettings
+from .segment_writer import WriteReport, check_segment, read_segment, write_segment
+from .view_prompts import box_prompt, point_prompt
+from .volume_nodes import volume_from_node
+
+log = logging.getLogger(__name__)
+
+SessionFactory = Callable[[Volume, int], Session]
+"""Opens a session of an engine on a volume along an array axis."""
+
+
+@dataclass
+class SliceEdits:
+    """Slices the user changed since the last write: new anchor masks, and emptied slices."""
+
+    masks: dict[int, np.ndarray] = field(default_factory=dict)
+    emptied: list[int] = field(default_factory=list)
+
+
+class SegmentPropagation:
+    """SAM 3D on the segments of one segmentation node over one source volume node."""
+
+    def __init__(
+        self,
+        volume_node,
+        segmentation_node,
+        session_factory: SessionFactory,
+        masking: Callable[[], MaskingSettings] | None = None,
+        save_undo_state: Callable[[], None] | None = None,
+    ):
+        self.volume: Volume = volume_from_node(volume_node)
+        if segmentation_node is None:
+            raise PromptError("No segmentation is selected. Create or select a segmentation first.")
+        self.volume_node = volume_node
+        self.segmentation_node = segmentation_node
+        self.session_factory = session_factory
+        self.masking = masking or MaskingSettings
+        self.save_undo_state = save_undo_state
+        self.session: Session | None = None
+        self.axis: int | None = None
+        self._object_ids: dict[str, int] = {}
+        self._last_written: dict[str, np.ndarray] = {}
+
+    # --- sessions and objects ---------------------------------------------------------------
+
+    def use_axis(self, axis: int) -> None:
+        """Propagate along ``axis`` from now on; prompts on another axis start a new session."""
+        if self.axis is not None and axis != self.axis:
+            log.info("Prompt along %s: starting a new session (prompts along %s are dropped)",
+                     AXIS_NAMES[axis], AXIS_NAMES[self.axis])
+            self.close()
+        self.axis = axis
+
+    def object_id(self, segment_id: str) -> int:
+        return self._object_ids.setdefault(segment_id, len(self._object_ids) + 1)
+
+    def _session(self) -> Session:
+        """The session on the current axis, opened on first use (in the worker thread)."""
+        if self.axis is None:
+            raise PromptError("Click in a slice view first: the prompt sets the propagation axis.")
+        if self.session is None:
+            self.session = self.session_factory(self.volume, self.axis)
+        return self.session
+
+    def anchors(self, segment_id: str) -> dict[int, SlicePrompt]:
+        if self.session is None or self.object_id(segment_id) not in self.session.object_ids:
+            return {}
+        return self.session.anchors(self.object_id(segment_id))
+
+    def clear_prompts(self, segment_id: str) -> None:
+        """Forget every prompt of the segment (its voxels stay)."""
+        if self.session is not None:
+            self.session.remove_object(self.object_id(segment_id))
+        self._last_written.pop(segment_id, None)
+
+    def close(self) -> None:
+        if self.session is not None:
+            self.session.close()
+        self.session = None
+        self._last_written.clear()
+
+    # --- prompts (main thread builds them; worker computes the preview) ---------------------
+
+    def point_from_ras(self, ras, positive: bool, axis: int) -> SlicePrompt:
+        self.use_axis(axis)
+        return point_prompt(self.volume, axis, ras, positive)
+
+    def box_from_ras(self, corner0_ras, corner1_ras, axis: int) -> SlicePrompt:
+        self.use_axis(axis)
+        return box_prompt(self.volume, axis, corner0_ras, corner1_ras)
+
+    def prompt_from_segment(self, segment_id: str, axis: int, index: int) -> SlicePrompt:
+        """"Use the current segment on this slice as the prompt": a mask prompt from the segment."""
+        self.use_axis(axis)
+        check_segment(self.segmentation_node, segment_id)
+        if not 0 <= index < self.volume.shape[axis]:
+            raise PromptError(f"Slice {index} is outside the volume along {AXIS_NAMES[axis]}.")
+        mask = get_slice(read_segment(self.segmentation_node, segment_id, self.volume), axis, index).copy()
+        if not mask.any():
+            raise PromptError(
+                f"Segment is empty on slice {index}. Paint it on this slice first, or click on the object."
+            )
+        return SlicePrompt(axis=axis, index=index, mask=mask)
+
+    def preview_in_session(self, segment_id: str, prompt: SlicePrompt) -> Preview:
+        """Worker thread: add the prompt to the session and compute its 2D mask."""
+        return self._session().add_prompt(self.object_id(segment_id), prompt)
+
+    def write_preview(self, segment_id: str, preview: Preview) -> WriteReport:
+        """Main thread: show the preview in the segment on its slice (an undo state first)."""
+        mask = np.zeros(self.volume.shape, dtype=bool)
+        within = slice_index_tuple(preview.axis, preview.index)
+        mask[within] = preview.mask
+        return self._write(segment_id, mask, within)
+
+    def add_prompt(self, segment_id: str, prompt: SlicePrompt) -> Preview:
+        """One thread: prompt, preview, write the preview slice."""
+        check_segment(self.segmentation_node, segment_id)
+        self.use_axis(prompt.axis)
+        preview = self.preview_in_session(segment_id, prompt)
+        self.write_preview(segment_id, preview)
+        return preview
+
+    # --- propagation ------------------------------------------------------------------------
+
+    def edited_slices(self, segment_id: str) -> SliceEdits:
+        """Main thread: slices along the axis where the segment differs from what was last written."""
+        check_segment(self.segmentation_node, segment_id)
+        edits = SliceEdits()
+        last = self._last_written.get(segment_id)
+        if last is None or self.axis is None:
+            return edits
+        current = read_segment(self.segmentation_node, segment_id, self.volume)
+        other = tuple(a for a in range(3) if a != self.axis)
+        for index in np.flatnonzero((current != last).any(axis=other)):
+            mask = get_slice(current, self.axis, int(index)).copy()
+            if mask.any():
+                edits.masks[int(index)] = mask
+            else:
+                edits.emptied.append(int(index))
+        return edits
+
+    def propagate_in_session(
+        self,
+        segment_id: str,
+        edits: SliceEdits,
+        options: PropagationOptions,
+        progress=None,
+        cancel=None,
+    ) -> PropagationResult:
+        """Worker thread: make edited slices anchors, then propagate (only affected runs)."""
+        session = self._session()
+        object_id = self.object_id(segment_id)
+        for index, mask in sorted(edits.masks.items()):
+            session.set_slice_mask(object_id, index, mask)
+        for index in edits.emptied:
+            if object_id in session.object_ids and index in session.anchors(object_id):
+                session.remove_anchor(object_id, index)
+        if object_id not in session.object_ids:
+            raise PromptError(
+                "This segment has no SAM 3D prompts yet: click on the object in a slice view, drag a box, "
+                "or use the current segment on a slice as the prompt."
+            )
+        return session.propagate(object_id, options, progress, cancel)
+
+    def write_result(self, segment_id: str, result: PropagationResult) -> WriteReport:
+        """Main thread: write a finished propagation into the segment (an undo state first)."""
+        return self._write(segment_id, result.mask, None)
+
+    def propagate(
+        self, segment_id: str, options: PropagationOptions | None = None, progress=None, cancel=None
+    ) -> tuple[PropagationResult, WriteReport]:
+        """One thread: edits -> anchors, propagate, write. Cancel or failure writes nothing."""
+        edits = self.edited_slices(segment_id)
+        result = self.propagate_in_session(segment_id, edits, options or PropagationOptions(), progress, cancel)
+        return result, self.write_result(segment_id, result)
+
+    def _write(self, segment_id: str, mask: np.ndarray, within) -> WriteReport:
+        report = write_segment(
+            self.segmentation_node, segment_id, mask, self.volume,
+            masking=self.masking(), save_undo_state=self.save_undo_state, within=within,
+        )
+        self._last_written[segment_id] = report.segment_after
+        return report

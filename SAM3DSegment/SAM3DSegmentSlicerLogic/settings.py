@@ -1,0 +1,78 @@
+"""The module panel's settings, kept with the scene in a parameter node (string parameters)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from SAM3DSegmentLib.anchors import Direction
+from SAM3DSegmentLib.engine import PropagationOptions, StopRule
+from SAM3DSegmentLib.errors import InputError
+
+DIRECTIONS: tuple[str, ...] = ("both", "forward", "backward")
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda", "mps")
+PREFIX = "SAM3D."
+
+
+@dataclass
+class PanelSettings:
+    """Engine, model, device and propagation options (0 in a slice limit means "volume edge")."""
+
+    engine: str = "auto"
+    model: str = ""
+    checkpoint: str = ""
+    device: str = "auto"
+    direction: Direction = "both"
+    first_slice: int = -1
+    last_slice: int = -1
+    min_area: int = 10
+    min_score: float = 0.5
+    patience: int = 2
+    projection: str = "box"
+
+    def propagation_options(self, n_slices: int) -> PropagationOptions:
+        """The library's options; slice limits of -1 mean the volume's first / last slice."""
+        if self.direction not in DIRECTIONS:
+            raise InputError(f"Direction must be one of {', '.join(DIRECTIONS)}; got {self.direction!r}.")
+        first = 0 if self.first_slice < 0 else self.first_slice
+        last = n_slices - 1 if self.last_slice < 0 else self.last_slice
+        if not 0 <= first <= last < n_slices:
+            raise InputError(
+                f"Slice range {first}..{last} is not inside the volume's 0..{n_slices - 1}. "
+                "Fix the first/last slice (or set them to -1 for the whole volume)."
+            )
+        slice_range = None if (first, last) == (0, n_slices - 1) else (first, last)
+        stop = StopRule(min_area=self.min_area, min_score=self.min_score if self.min_score > 0 else None,
+                        patience=self.patience)
+        return PropagationOptions(direction=self.direction, slice_range=slice_range, stop=stop)
+
+    def engine_options(self) -> dict:
+        """Options passed to the engine factory (the projection mode of sliding-window engines)."""
+        return {} if self.engine == "sam2" else {"projection": self.projection}
+
+
+def save_settings(settings: PanelSettings, node) -> None:
+    """Store ``settings`` as parameters of a ``vtkMRMLScriptedModuleNode``."""
+    was_modifying = node.StartModify()
+    try:
+        for f in fields(settings):
+            node.SetParameter(PREFIX + f.name, str(getattr(settings, f.name)))
+    finally:
+        node.EndModify(was_modifying)
+
+
+def load_settings(node) -> PanelSettings:
+    """Settings from a parameter node; missing or unreadable values keep their defaults."""
+    settings = PanelSettings()
+    if node is None:
+        return settings
+    for f in fields(settings):
+        text = node.GetParameter(PREFIX + f.name)
+        if not text:
+            continue
+        default = getattr(settings, f.name)
+        try:
+            value = type(default)(text)
+        except ValueError:
+            continue
+        setattr(settings, f.name, value)
+    return settings

@@ -1,0 +1,109 @@
+"""Volume nodes as library volumes, and numpy masks as oriented labelmaps (and back)."""
+
+from __future__ import annotations
+
+import numpy as np
+import vtk
+from vtk.util import numpy_support
+
+from SAM3DSegmentLib.errors import InputError
+from SAM3DSegmentLib.volume import Volume
+
+
+def matrix_to_numpy(matrix: vtk.vtkMatrix4x4) -> np.ndarray:
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def numpy_to_matrix(array: np.ndarray) -> vtk.vtkMatrix4x4:
+    matrix = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            matrix.SetElement(r, c, float(array[r, c]))
+    return matrix
+
+
+def ijk_to_world(volume_node) -> np.ndarray:
+    """IJK-to-RAS of ``volume_node`` including a linear parent transform (world RAS)."""
+    matrix = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(matrix)
+    ijk_to_ras = matrix_to_numpy(matrix)
+    transform_node = volume_node.GetParentTransformNode()
+    if transform_node is not None:
+        if not transform_node.IsTransformToWorldLinear():
+            raise InputError(
+                f"Volume '{volume_node.GetName()}' is under a non-linear transform. "
+                "Harden the transform (Data module: right-click > Harden transform) first."
+            )
+        to_world = vtk.vtkMatrix4x4()
+        transform_node.GetMatrixTransformToWorld(to_world)
+        ijk_to_ras = matrix_to_numpy(to_world) @ ijk_to_ras
+    return ijk_to_ras
+
+
+def volume_from_node(volume_node) -> Volume:
+    """The library ``Volume`` of a scalar volume node: array (k, j, i) and IJK-to-RAS (world).
+
+    Raises InputError with advice for no node, no image, vector (4D) or 2D volumes.
+    """
+    if volume_node is None:
+        raise InputError("No source volume is selected. Select the volume to segment first.")
+    image = volume_node.GetImageData()
+    name = volume_node.GetName() or "volume"
+    if image is None or image.GetPointData() is None or image.GetPointData().GetScalars() is None:
+        raise InputError(f"Volume '{name}' has no image data. Load or select another volume.")
+    components = image.GetNumberOfScalarComponents()
+    if components != 1 or volume_node.IsA("vtkMRMLVectorVolumeNode"):
+        raise InputError(
+            f"Volume '{name}' has {components} components per voxel (a vector, colour or 4D volume). "
+            "Select a scalar 3D volume, or extract one frame/component first."
+        )
+    dims_ijk = image.GetDimensions()
+    if min(dims_ijk) < 2:
+        raise InputError(
+            f"Volume '{name}' is {dims_ijk[0]} x {dims_ijk[1]} x {dims_ijk[2]} voxels: a 2D image. "
+            "SAM 3D needs a 3D volume with at least 2 slices along every axis."
+        )
+    scalars = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
+    array = scalars.reshape(dims_ijk[::-1]).copy()
+    modality = volume_node.GetAttribute("DICOM.Modality")
+    modality = modality.upper() if modality in ("CT", "MR", "ct", "mr") else None
+    return Volume(array, ijk_to_world(volume_node), name=name, modality=modality)
+
+
+def oriented_image_from_mask(mask: np.ndarray, ijk_to_ras: np.ndarray, extent_kji=None):
+    """A ``vtkOrientedImageData`` (uint8 0/1) of ``mask`` (k, j, i) in the volume's geometry.
+
+    ``extent_kji`` = ((k0, k1), (j0, j1), (i0, i1)) inclusive limits only that block.
+    """
+    import slicer
+
+    if extent_kji is None:
+        extent_kji = tuple((0, n - 1) for n in mask.shape)
+    (k0, k1), (j0, j1), (i0, i1) = extent_kji
+    block = np.ascontiguousarray(mask[k0:k1 + 1, j0:j1 + 1, i0:i1 + 1], dtype=np.uint8)
+    image = slicer.vtkOrientedImageData()
+    image.SetExtent(i0, i1, j0, j1, k0, k1)
+    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = block.ravel()
+    image.SetImageToWorldMatrix(numpy_to_matrix(ijk_to_ras))
+    return image
+
+
+def mask_from_oriented_image(
+    image, shape_kji: tuple[int, int, int], ijk_to_ras: np.ndarray, label: int | None = None
+) -> np.ndarray:
+    """Resample an oriented labelmap onto the volume grid (nearest neighbour); True where it
+    equals ``label`` (or is non-zero when ``label`` is None)."""
+    import slicer
+
+    reference = oriented_image_from_mask(np.zeros((1, 1, 1), bool), ijk_to_ras)
+    reference.SetExtent(0, shape_kji[2] - 1, 0, shape_kji[1] - 1, 0, shape_kji[0] - 1)
+    resampled = slicer.vtkOrientedImageData()
+    if image is None or image.IsEmpty():
+        return np.zeros(shape_kji, dtype=bool)
+    if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
+        image, reference, resampled
+    ):
+        raise InputError("Could not resample the segment onto the source volume's grid.")
+    scalars = numpy_support.vtk_to_numpy(resampled.GetPointData().GetScalars()).reshape(shape_kji)
+    return scalars != 0 if label is None else scalars == label

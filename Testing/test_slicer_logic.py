@@ -1,0 +1,541 @@
+"""The Slicer logic of SAM 3D on real MRML (slicer-core): volumes, prompts, segments, masking,
+undo, cancel, re-propagation, the worker thread and the panel settings."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer", reason="slicer-core (real MRML) is not installed")
+vtk = pytest.importorskip("vtk")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "SAM3DSegment"))
+
+from SAM3DSegmentLib.engine import PropagationOptions, RunsOutput, Session, SliceMask, StopRule, StopTracker  # noqa: E402
+from SAM3DSegmentLib.errors import InputError, PromptError, PropagationCancelled  # noqa: E402
+from SAM3DSegmentLib.volume import get_slice, kji_to_slice  # noqa: E402
+from SAM3DSegmentSlicerLogic.markers import clear_prompt_markers, show_prompt_markers  # noqa: E402
+from SAM3DSegmentSlicerLogic.masking import MASK_MODES, MaskingSettings, masking_from_editor_node  # noqa: E402
+from SAM3DSegmentSlicerLogic.messages import user_message  # noqa: E402
+from SAM3DSegmentSlicerLogic.segment_propagation import SegmentPropagation  # noqa: E402
+from SAM3DSegmentSlicerLogic.segment_writer import (  # noqa: E402
+    other_segments, read_segment, segmentation_history, write_segment,
+)
+from SAM3DSegmentSlicerLogic.settings import PanelSettings, load_settings, save_settings  # noqa: E402
+from SAM3DSegmentSlicerLogic.view_prompts import axis_of_view, box_prompt, point_prompt  # noqa: E402
+from SAM3DSegmentSlicerLogic.volume_nodes import numpy_to_matrix, oriented_image_from_mask, volume_from_node  # noqa: E402
+from SAM3DSegmentSlicerLogic.worker import ModelWorker  # noqa: E402
+
+# I runs right-to-left, J posterior-to-anterior flipped, K inferior-to-superior; anisotropic; rotated.
+_ANGLE = np.deg2rad(20)
+FLIPPED_OBLIQUE = np.array([
+    [-0.8 * np.cos(_ANGLE), 0.7 * np.sin(_ANGLE), 0.0, 12.0],
+    [-0.8 * np.sin(_ANGLE), -0.7 * np.cos(_ANGLE), 0.0, -4.0],
+    [0.0, 0.0, 2.5, 30.0],
+    [0.0, 0.0, 0.0, 1.0],
+])
+# a sagittally acquired volume: K runs along R, J along -S, I along A
+SAGITTAL_ACQUIRED = np.array([
+    [0.0, 0.0, 1.5, 0.0],
+    [1.0, 0.0, 0.0, 0.0],
+    [0.0, -1.0, 0.0, 0.0],
+    [0.0, 0.0, 0.0, 1.0],
+])
+
+
+class ReferenceMaskSession(Session):
+    """A test double answering every slice from a reference mask (not a model)."""
+
+    engine_name = "reference-mask"
+
+    def __init__(self, volume, reference, axis=0):
+        super().__init__(volume, axis)
+        self.reference = reference
+        self.encoded = set()
+
+    @property
+    def slices_encoded_total(self):
+        return len(self.encoded)
+
+    def _predict_anchor(self, object_id, prompt):
+        self.encoded.add(prompt.index)
+        return SliceMask(get_slice(self.reference, self.axis, prompt.index).copy(), 1.0)
+
+    def _propagate_runs(self, object_id, runs, options, tick):
+        masks, reasons = {}, {}
+        for run in runs:
+            tracker = StopTracker(options.stop)
+            for index in run.slices:
+                tick(index)
+                self.encoded.add(index)
+                mask = get_slice(self.reference, self.axis, index).copy()
+                masks[index] = SliceMask(mask, 1.0)
+                if tracker.update(index, options.stop.absent_reason(mask)):
+                    reasons[f"{run.start}{run.step:+d}"] = tracker.reason
+                    break
+        return RunsOutput(masks, reasons)
+
+
+@pytest.fixture
+def scene():
+    scene = slicer.vtkMRMLScene()
+    logic = slicer.vtkSlicerSegmentationsModuleLogic()
+    logic.SetMRMLScene(scene)  # needed before segments get binary labelmaps
+    scene._segmentations_logic = logic
+    return scene
+
+
+def add_volume(scene, array, ijk_to_ras=FLIPPED_OBLIQUE, name="ct"):
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    slicer.util.updateVolumeFromArray(node, array)
+    node.SetIJKToRASMatrix(numpy_to_matrix(ijk_to_ras))
+    node.SetAttribute("DICOM.Modality", "CT")
+    return node
+
+
+def add_segmentation(scene, volume_node, names=("tumour", "liver", "vessel")):
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    node.CreateDefaultDisplayNodes()
+    node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+    ids = [node.GetSegmentation().AddEmptySegment(n, n) for n in names]
+    return node, ids
+
+
+def paint(segmentation_node, segment_id, mask, volume):
+    """What any Segment Editor tool does: replace the segment's labelmap."""
+    image = oriented_image_from_mask(mask, volume.ijk_to_ras)
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    assert logic.SetBinaryLabelmapToSegment(image, segmentation_node, segment_id, logic.MODE_REPLACE, image.GetExtent())
+
+
+def ball(shape, centre, radius):
+    k, j, i = np.indices(shape)
+    return (k - centre[0]) ** 2 + (j - centre[1]) ** 2 + (i - centre[2]) ** 2 <= radius ** 2
+
+
+SHAPE = (12, 16, 20)
+
+
+@pytest.fixture
+def case(scene):
+    rng = np.random.default_rng(1)
+    array = rng.integers(-100, 100, SHAPE).astype(np.int16)
+    reference = np.zeros(SHAPE, bool)
+    reference[3:9, 4:11, 5:14] = True
+    array[reference] += 300
+    volume_node = add_volume(scene, array)
+    segmentation, ids = add_segmentation(scene, volume_node)
+    return volume_node, segmentation, ids, reference
+
+
+# --- volumes and prompts --------------------------------------------------------------------
+
+@pytest.mark.parametrize("ijk_to_ras", [np.eye(4), FLIPPED_OBLIQUE, SAGITTAL_ACQUIRED])
+def test_volume_node_becomes_library_volume_with_its_geometry(scene, ijk_to_ras):
+    array = np.arange(np.prod(SHAPE), dtype=np.int16).reshape(SHAPE)
+    node = add_volume(scene, array, ijk_to_ras)
+    volume = volume_from_node(node)
+    assert np.array_equal(volume.array, array) and volume.modality == "CT"
+    assert np.allclose(volume.ijk_to_ras, ijk_to_ras)
+    kji = (3, 5, 7)
+    matrix = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(matrix)
+    expected = matrix.MultiplyPoint((kji[2], kji[1], kji[0], 1.0))[:3]
+    assert np.allclose(volume.kji_to_ras(kji), expected)
+
+
+def test_linear_parent_transform_is_applied(scene):
+    node = add_volume(scene, np.zeros(SHAPE, np.int16), np.eye(4))
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    shift = np.eye(4)
+    shift[:3, 3] = (10, -5, 2)
+    transform.SetMatrixTransformToParent(numpy_to_matrix(shift))
+    node.SetAndObserveTransformNodeID(transform.GetID())
+    assert np.allclose(volume_from_node(node).kji_to_ras((0, 0, 0)), (10, -5, 2))
+
+
+def test_unusable_volumes_give_clear_errors(scene):
+    with pytest.raises(InputError, match="No source volume"):
+        volume_from_node(None)
+    flat = add_volume(scene, np.zeros((1, 16, 20), np.int16))
+    with pytest.raises(InputError, match="2D image"):
+        volume_from_node(flat)
+    vector = scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode")
+    image = vtk.vtkImageData()
+    image.SetDimensions(4, 4, 4)
+    image.AllocateScalars(vtk.VTK_FLOAT, 3)
+    vector.SetAndObserveImageData(image)
+    with pytest.raises(InputError, match="components"):
+        volume_from_node(vector)
+    empty = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
+    with pytest.raises(InputError, match="no image data"):
+        volume_from_node(empty)
+
+
+def test_view_axis_is_the_array_axis_best_aligned_with_the_view_normal():
+    axial = np.eye(4)  # normal +S
+    sagittal = np.array([[0, 0, 1, 0], [-1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 1.0]])  # normal +R (Slicer's preset)
+    coronal = np.array([[-1, 0, 0, 0], [0, 0, 1, 0], [0, 1, 0, 0], [0, 0, 0, 1.0]])  # normal +A
+    assert [axis_of_view(v, FLIPPED_OBLIQUE) for v in (axial, sagittal, coronal)] == [0, 2, 1]
+    # sagittally acquired: K along R, J along -S, I along A
+    assert [axis_of_view(v, SAGITTAL_ACQUIRED) for v in (axial, sagittal, coronal)] == [1, 0, 2]
+
+
+def test_real_slice_nodes_give_the_expected_axis(scene):
+    slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(scene)
+    node = scene.AddNewNodeByClass("vtkMRMLSliceNode")
+    for orientation, expected in (("Axial", 0), ("Sagittal", 2), ("Coronal", 1)):
+        assert node.SetOrientation(orientation)
+        slice_to_ras = np.array([[node.GetSliceToRAS().GetElement(r, c) for c in range(4)] for r in range(4)])
+        assert axis_of_view(slice_to_ras, FLIPPED_OBLIQUE) == expected, orientation
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_clicks_in_ras_land_on_the_right_voxel(scene, axis):
+    node = add_volume(scene, np.zeros(SHAPE, np.int16))
+    volume = volume_from_node(node)
+    kji = (4, 9, 13)
+    ras = volume.kji_to_ras(kji)
+    prompt = point_prompt(volume, axis, ras, positive=False)
+    expected = {0: (4, 9, 13), 1: (9, 4, 13), 2: (13, 4, 9)}[axis]
+    assert (prompt.index, round(prompt.points[0].row), round(prompt.points[0].col)) == expected
+    assert prompt.points[0].positive is False
+    corner = [2, 3, 4]
+    corner[axis] = kji[axis]
+    box = box_prompt(volume, axis, volume.kji_to_ras(kji), volume.kji_to_ras(corner))
+    assert box.index == expected[0]
+    assert (box.box.row0, box.box.col0) == pytest.approx(kji_to_slice(axis, corner)[1:])
+    assert (box.box.row1, box.box.col1) == pytest.approx(expected[1:])
+    with pytest.raises(PromptError, match="outside volume"):
+        point_prompt(volume, axis, volume.kji_to_ras((4, 30, 13)))
+
+
+# --- writing into segments --------------------------------------------------------------------
+
+def test_write_and_read_back_only_the_selected_segment_in_the_changed_extent(case):
+    volume_node, segmentation, (tumour, liver, vessel), reference = case
+    volume = volume_from_node(volume_node)
+    liver_mask = ball(SHAPE, (6, 8, 10), 5)
+    paint(segmentation, liver, liver_mask, volume)
+    report = write_segment(segmentation, tumour, reference, volume, MaskingSettings(overwrite="none"))
+    assert np.array_equal(read_segment(segmentation, tumour, volume), reference)
+    assert np.array_equal(read_segment(segmentation, liver, volume), liver_mask)
+    assert not read_segment(segmentation, vessel, volume).any()
+    assert report.extent_kji == ((3, 8), (4, 10), (5, 13)) and report.changed_voxels == reference.sum()
+    # a second write of one slice changes only that slice
+    one_slice = np.zeros(SHAPE, bool)
+    one_slice[5, 1:3, 1:3] = True
+    before = read_segment(segmentation, tumour, volume)
+    report = write_segment(segmentation, tumour, one_slice, volume, within=(5,))
+    after = read_segment(segmentation, tumour, volume)
+    assert np.array_equal(np.delete(after, 5, axis=0), np.delete(before, 5, axis=0))
+    assert np.array_equal(after[5], one_slice[5]) and report.extent_kji[0] == (5, 5)
+
+
+@pytest.mark.parametrize("overwrite, liver_loses, vessel_loses", [("all", True, True), ("visible", True, False), ("none", False, False)])
+def test_overwrite_other_segments(case, overwrite, liver_loses, vessel_loses):
+    volume_node, segmentation, (tumour, liver, vessel), reference = case
+    volume = volume_from_node(volume_node)
+    liver_mask, vessel_mask = ball(SHAPE, (6, 8, 10), 5), ball(SHAPE, (5, 6, 6), 3)
+    paint(segmentation, liver, liver_mask, volume)
+    paint(segmentation, vessel, vessel_mask, volume)
+    segmentation.GetDisplayNode().SetSegmentVisibility(vessel, False)
+    report = write_segment(segmentation, tumour, reference, volume, MaskingSettings(overwrite=overwrite))
+    assert np.array_equal(read_segment(segmentation, tumour, volume), reference)
+    liver_after = read_segment(segmentation, liver, volume)
+    vessel_after = read_segment(segmentation, vessel, volume)
+    assert np.array_equal(liver_after, liver_mask & ~reference if liver_loses else liver_mask)
+    assert np.array_equal(vessel_after, vessel_mask & ~reference if vessel_loses else vessel_mask)
+    assert (liver in report.overwritten) == liver_loses
+
+
+def _slicer_edit_mask(segmentation, mode, edited, mask_segment, volume, intensity_range):
+    """Slicer's own editable region (vtkMRMLSegmentationNode::GenerateEditMask): True = editable."""
+    from vtk.util import numpy_support
+
+    modes = {
+        "everywhere": "EditAllowedEverywhere", "inside_all": "EditAllowedInsideAllSegments",
+        "inside_visible": "EditAllowedInsideVisibleSegments", "outside_all": "EditAllowedOutsideAllSegments",
+        "outside_visible": "EditAllowedOutsideVisibleSegments", "inside_segment": "EditAllowedInsideSingleSegment",
+    }
+    reference = oriented_image_from_mask(np.zeros(SHAPE, bool), volume.ijk_to_ras)
+    source = slicer.vtkOrientedImageData()
+    source.DeepCopy(reference)
+    source.AllocateScalars(vtk.VTK_DOUBLE, 1)
+    numpy_support.vtk_to_numpy(source.GetPointData().GetScalars())[:] = volume.array.ravel()
+    output = slicer.vtkOrientedImageData()
+    assert segmentation.GenerateEditMask(
+        output, getattr(slicer.vtkMRMLSegmentationNode, modes[mode]), reference, edited, mask_segment or "",
+        source, list(intensity_range) if intensity_range else None,
+    )
+    return numpy_support.vtk_to_numpy(output.GetPointData().GetScalars()).reshape(SHAPE) == 0
+
+
+@pytest.mark.parametrize("mode", MASK_MODES)
+@pytest.mark.parametrize("intensity_range", [None, (0, 150)])
+def test_editable_area_and_intensity_range_match_slicer(case, mode, intensity_range):
+    volume_node, segmentation, (tumour, liver, vessel), reference = case
+    volume = volume_from_node(volume_node)
+    paint(segmentation, tumour, ball(SHAPE, (6, 6, 6), 3), volume)
+    paint(segmentation, liver, ball(SHAPE, (6, 8, 10), 5), volume)
+    paint(segmentation, vessel, ball(SHAPE, (4, 10, 14), 3), volume)
+    segmentation.GetDisplayNode().SetSegmentVisibility(vessel, False)
+    settings = MaskingSettings(mask_mode=mode, mask_segment_id=liver if mode == "inside_segment" else None,
+                               intensity_range=intensity_range, overwrite="none")
+    old = read_segment(segmentation, tumour, volume)
+    editable = _slicer_edit_mask(segmentation, mode, tumour, settings.mask_segment_id, volume, intensity_range)
+    new = np.zeros(SHAPE, bool)
+    new[2:10, 3:13, 4:16] = True
+    write_segment(segmentation, tumour, new, volume, settings)
+    assert np.array_equal(read_segment(segmentation, tumour, volume), np.where(editable, new, old))
+
+
+def test_masking_settings_are_read_from_a_segment_editor_node(case):
+    _, _, (tumour, liver, vessel), _ = case
+    editor = slicer.vtkMRMLSegmentEditorNode()
+    assert masking_from_editor_node(editor) == MaskingSettings()
+    editor.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedInsideSingleSegment)
+    editor.SetMaskSegmentID(liver)
+    editor.SetSourceVolumeIntensityMask(True)
+    editor.SetSourceVolumeIntensityMaskRange(-50, 120)
+    editor.SetOverwriteMode(slicer.vtkMRMLSegmentEditorNode.OverwriteVisibleSegments)
+    assert masking_from_editor_node(editor) == MaskingSettings("inside_segment", liver, (-50.0, 120.0), "visible")
+    with pytest.raises(InputError, match="needs the segment"):
+        MaskingSettings("inside_segment")
+
+
+def test_undo_restores_the_segment_and_other_segments(case):
+    volume_node, segmentation, (tumour, liver, _), reference = case
+    volume = volume_from_node(volume_node)
+    liver_mask = ball(SHAPE, (6, 8, 10), 5)
+    paint(segmentation, liver, liver_mask, volume)
+    history = segmentation_history(segmentation)
+    write_segment(segmentation, tumour, reference, volume, save_undo_state=history.SaveState)
+    assert history.GetNumberOfStates() == 1
+    assert not read_segment(segmentation, liver, volume)[reference].any()  # overwritten
+    assert history.RestorePreviousState()
+    assert not read_segment(segmentation, tumour, volume).any()
+    assert np.array_equal(read_segment(segmentation, liver, volume), liver_mask)
+    # an unchanged write saves no undo state
+    states = history.GetNumberOfStates()
+    write_segment(segmentation, tumour, np.zeros(SHAPE, bool), volume, save_undo_state=history.SaveState)
+    assert history.GetNumberOfStates() == states
+
+
+def test_missing_segment_and_segmentation_are_clear_errors(case):
+    volume_node, segmentation, _, reference = case
+    volume = volume_from_node(volume_node)
+    with pytest.raises(InputError, match="No segment is selected"):
+        write_segment(segmentation, "nonexistent", reference, volume)
+    with pytest.raises(InputError, match="No segmentation"):
+        read_segment(None, "x", volume)
+
+
+# --- prompts, propagation, cancel, re-propagation ------------------------------------------------
+
+def _propagation(case, **kwargs):
+    volume_node, segmentation, ids, reference = case
+    sessions = []
+
+    def factory(volume, axis):
+        sessions.append(ReferenceMaskSession(volume, reference, axis))
+        return sessions[-1]
+
+    history = segmentation_history(segmentation)
+    logic = SegmentPropagation(volume_node, segmentation, factory, save_undo_state=history.SaveState, **kwargs)
+    return logic, sessions, history
+
+
+def test_click_preview_then_propagate_fills_the_segment(case):
+    volume_node, segmentation, (tumour, liver, _), reference = case
+    logic, sessions, history = _propagation(case)
+    volume = logic.volume
+    prompt = logic.point_from_ras(volume.kji_to_ras((5, 7, 9)), positive=True, axis=0)
+    preview = logic.add_prompt(tumour, prompt)
+    segment = read_segment(segmentation, tumour, volume)
+    assert np.array_equal(segment[5], reference[5]) and not np.delete(segment, 5, axis=0).any()
+    assert preview.index == 5
+    result, report = logic.propagate(tumour, PropagationOptions(stop=StopRule(min_area=1, patience=1)))
+    assert np.array_equal(read_segment(segmentation, tumour, volume), reference)
+    assert result.engine == "reference-mask" and report.changed_voxels == reference.sum() - reference[5].sum()
+    assert not read_segment(segmentation, liver, volume).any()
+    assert history.GetNumberOfStates() == 2  # one per write: preview, propagation
+    history.RestorePreviousState()
+    assert np.array_equal(read_segment(segmentation, tumour, volume), segment)
+
+
+def test_cancelled_and_failed_propagations_leave_the_segment_unchanged(case):
+    volume_node, segmentation, (tumour, *_), reference = case
+    logic, sessions, history = _propagation(case)
+    logic.add_prompt(tumour, logic.point_from_ras(logic.volume.kji_to_ras((5, 7, 9)), True, axis=0))
+    before = read_segment(segmentation, tumour, logic.volume)
+    states = history.GetNumberOfStates()
+    with pytest.raises(PropagationCancelled):
+        logic.propagate(tumour, cancel=lambda: True)
+    with pytest.raises(PromptError, match="inside the slice range"):
+        logic.propagate(tumour, PropagationOptions(slice_range=(8, 11)))
+    assert np.array_equal(read_segment(segmentation, tumour, logic.volume), before)
+    assert history.GetNumberOfStates() == states
+
+
+def test_edited_slices_become_anchors_and_only_their_runs_are_recomputed(case):
+    volume_node, segmentation, (tumour, *_), reference = case
+    logic, sessions, _ = _propagation(case)
+    volume = logic.volume
+    options = PropagationOptions(stop=StopRule(min_area=1, patience=1))
+    logic.add_prompt(tumour, logic.point_from_ras(volume.kji_to_ras((4, 7, 9)), True, axis=0))
+    first, _ = logic.propagate(tumour, options)
+    assert np.array_equal(read_segment(segmentation, tumour, volume), reference)
+    # the user corrects slice 7 with another tool
+    corrected = read_segment(segmentation, tumour, volume)
+    corrected[7] = False
+    corrected[7, 5:9, 6:10] = True
+    paint(segmentation, tumour, corrected, volume)
+    edits = logic.edited_slices(tumour)
+    assert list(edits.masks) == [7]
+    second, _ = logic.propagate(tumour, options)
+    assert 7 in logic.anchors(tumour) and 4 in logic.anchors(tumour)
+    assert set(second.slices_computed) <= set(range(5, 12)) - {7}
+    assert 5 in second.slices_computed and 3 not in second.slices_computed
+    after = read_segment(segmentation, tumour, volume)
+    assert np.array_equal(after[7], corrected[7])  # the correction is kept exactly
+    assert np.array_equal(after[:7], reference[:7])
+    assert logic.edited_slices(tumour).masks == {}  # nothing edited since
+
+
+def test_use_the_current_segment_on_a_slice_as_the_prompt(case):
+    volume_node, segmentation, (tumour, *_), reference = case
+    logic, sessions, _ = _propagation(case)
+    with pytest.raises(PromptError, match="empty on slice 5"):
+        logic.prompt_from_segment(tumour, axis=1, index=5)
+    painted = np.zeros(SHAPE, bool)
+    painted[:, 6, :] = reference[:, 6, :]
+    paint(segmentation, tumour, painted, logic.volume)
+    prompt = logic.prompt_from_segment(tumour, axis=1, index=6)
+    assert prompt.is_mask_only and np.array_equal(prompt.mask, reference[:, 6, :])
+    logic.add_prompt(tumour, prompt)
+    logic.propagate(tumour, PropagationOptions(stop=StopRule(min_area=1, patience=1)))
+    assert sessions[-1].axis == 1
+    assert np.array_equal(read_segment(segmentation, tumour, logic.volume), reference)
+
+
+def test_masking_is_honoured_during_propagation(case):
+    volume_node, segmentation, (tumour, liver, _), reference = case
+    volume = volume_from_node(volume_node)
+    liver_mask = np.zeros(SHAPE, bool)
+    liver_mask[:, :, :9] = True
+    paint(segmentation, liver, liver_mask, volume)
+    logic, _, _ = _propagation(case, masking=lambda: MaskingSettings(mask_mode="outside_all", overwrite="none"))
+    logic.add_prompt(tumour, logic.point_from_ras(volume.kji_to_ras((5, 7, 11)), True, axis=0))
+    logic.propagate(tumour, PropagationOptions(stop=StopRule(min_area=1, patience=1)))
+    assert np.array_equal(read_segment(segmentation, tumour, volume), reference & ~liver_mask)
+    assert np.array_equal(read_segment(segmentation, liver, volume), liver_mask)
+    assert logic.edited_slices(tumour).masks == {}  # what masking kept out is not a user edit
+
+
+def test_weightfree_engine_through_the_panel_factory(scene):
+    from SAM3DSegmentLib.sample_data import make_sample
+    from SAM3DSegmentSlicerLogic.session_factory import session_factory_for
+
+    sample = make_sample(shape_kji=(14, 64, 72))
+    volume_node = add_volume(scene, sample.volume.array, sample.volume.ijk_to_ras)
+    segmentation, (lesion, body, _) = add_segmentation(scene, volume_node)
+    logic = SegmentPropagation(volume_node, segmentation, session_factory_for(PanelSettings(engine="weightfree", projection="mask")))
+    logic.add_prompt(lesion, logic.point_from_ras(sample.volume.kji_to_ras(sample.click_kji), True, axis=0))
+    result, _ = logic.propagate(lesion)
+    segment = read_segment(segmentation, lesion, logic.volume)
+    dice = 2 * (segment & sample.truth).sum() / (segment.sum() + sample.truth.sum())
+    assert result.engine == "weightfree" and dice > 0.6, dice
+    assert not read_segment(segmentation, body, logic.volume).any()
+
+
+# --- worker thread, settings, markers, messages ----------------------------------------------
+
+def test_worker_runs_propagation_off_the_main_thread_and_reports_events(case):
+    volume_node, segmentation, (tumour, *_), reference = case
+    logic, sessions, _ = _propagation(case)
+    prompt = logic.point_from_ras(logic.volume.kji_to_ras((5, 7, 9)), True, axis=0)
+    worker = ModelWorker()
+    threads = []
+    try:
+        def preview_job(progress, cancelled):
+            threads.append(threading.current_thread())
+            return logic.preview_in_session(tumour, prompt)
+
+        worker.submit(preview_job, "preview")
+        events = worker.wait()
+        assert [e.kind for e in events] == ["finished"] and threads[0] is not threading.main_thread()
+        logic.write_preview(tumour, events[0].result)
+        edits = logic.edited_slices(tumour)
+        worker.submit(lambda progress, cancelled: logic.propagate_in_session(
+            tumour, edits, PropagationOptions(), progress, cancelled), "propagate")
+        events = worker.wait()
+        assert events[-1].kind == "finished" and any(e.kind == "progress" for e in events)
+        assert not read_segment(segmentation, tumour, logic.volume)[:5].any()  # nothing written by the worker
+        logic.write_result(tumour, events[-1].result)
+        assert np.array_equal(read_segment(segmentation, tumour, logic.volume), reference)
+
+        started, release = threading.Event(), threading.Event()
+
+        def slow(progress, cancelled):
+            started.set()
+            release.wait(5)
+            if cancelled():
+                raise PropagationCancelled("cancelled")
+            return "done"
+
+        worker.submit(slow, "slow")
+        worker.submit(lambda p, c: "queued", "queued")
+        started.wait(5)
+        worker.cancel()
+        release.set()
+        assert [e.kind for e in worker.wait()] == ["cancelled", "cancelled"]
+        worker.submit(lambda p, c: 1 / 0, "broken")
+        failed = worker.wait()[-1]
+        assert failed.kind == "failed" and isinstance(failed.error, ZeroDivisionError)
+        assert "Unexpected error" in user_message(failed.error) and not worker.busy
+    finally:
+        worker.shutdown()
+
+
+def test_settings_are_kept_in_a_parameter_node(scene):
+    node = scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode")
+    settings = PanelSettings(engine="sam2", model="sam2.1_hiera_tiny", direction="forward", first_slice=3,
+                             last_slice=9, min_area=25, min_score=0.6, patience=3, projection="mask")
+    save_settings(settings, node)
+    assert load_settings(node) == settings
+    options = settings.propagation_options(n_slices=12)
+    assert options.direction == "forward" and options.slice_range == (3, 9)
+    assert options.stop == StopRule(min_area=25, min_score=0.6, patience=3)
+    assert PanelSettings().propagation_options(12).slice_range is None
+    with pytest.raises(InputError, match="not inside"):
+        PanelSettings(last_slice=20).propagation_options(12)
+
+
+def test_prompt_markers_are_shown_and_cleared(case):
+    volume_node, segmentation, (tumour, *_), reference = case
+    logic, _, _ = _propagation(case)
+    ras = logic.volume.kji_to_ras((5, 7, 9))
+    logic.add_prompt(tumour, logic.point_from_ras(ras, True, axis=0))
+    logic.add_prompt(tumour, logic.point_from_ras(logic.volume.kji_to_ras((5, 2, 2)), False, axis=0))
+    markups = volume_node.GetScene().AddNewNodeByClass("vtkMRMLMarkupsFiducialNode")
+    assert show_prompt_markers(markups, logic.volume, logic.anchors(tumour)) == 2
+    position = [0.0, 0.0, 0.0]
+    markups.GetNthControlPointPosition(0, position)
+    assert np.allclose(position, ras) and markups.GetNthControlPointLabel(1) == "-"
+    clear_prompt_markers(markups)
+    assert markups.GetNumberOfControlPoints() == 0
+
+
+def test_error_messages_give_advice():
+    from SAM3DSegmentLib.errors import CheckpointError, DependencyError, ModelOutOfMemoryError
+
+    assert "Install dependencies" in user_message(DependencyError("torch is missing"))
+    assert "smaller model" in user_message(ModelOutOfMemoryError(""))
+    assert "smaller model" in user_message(RuntimeError("CUDA out of memory. Tried to allocate"))
+    assert "local checkpoint" in user_message(CheckpointError("file is corrupt"))
+    assert "not changed" in user_message(PropagationCancelled("x"))
