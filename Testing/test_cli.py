@@ -138,3 +138,12 @@ def test_demo_end_to_end(tmp_path, capsys):
     with Image.open(out / "sample_montage.png") as png:
         pixels = np.asarray(png.convert("RGB")).astype(int)
     assert ((pixels[..., 0] > 150) & (pixels[..., 1] < 120)).any()  # the red overlay is there
+
+
+def test_negative_ras_coordinates_parse_as_values():
+    from SAM3DSegmentLib.cli import build_parser
+
+    args = build_parser().parse_args(
+        ["segment", "image.nrrd", "--ras", "--point", "-12.5,30,-4", "--negative", "-1,-2,-3", "--out", "o.nii.gz"]
+    )
+    assert args.point == ["-12.5,30,-4"] and args.negative == ["-1,-2,-3"]

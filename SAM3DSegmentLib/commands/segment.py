@@ -9,6 +9,7 @@ the box must lie on one slice along ``--axis``.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
@@ -51,7 +52,15 @@ def add_parser(subparsers) -> None:
                         help="keep the 3D component touching the prompt (default), the largest, or all")
     parser.add_argument("--name", default="Segment_1", help="segment name in a .seg.nrrd")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    accept_negative_coordinates(parser)
     parser.set_defaults(run=run)
+
+
+def accept_negative_coordinates(parser: argparse.ArgumentParser) -> None:
+    """Let ``--point -12.5,30,4`` (RAS) parse: argparse takes only plain negative numbers as values,
+    not comma lists (``--point=-12.5,30,4`` always works)."""
+    if hasattr(parser, "_negative_number_matcher"):
+        parser._negative_number_matcher = re.compile(r"^-\d*\.?\d+(,-?\d*\.?\d+)*$")
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
