@@ -36,6 +36,13 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--min-area", type=int, help="stop rule: minimum mask area in pixels")
     parser.add_argument("--min-score", type=float, help="stop rule: minimum engine score (negative: off)")
     parser.add_argument("--patience", type=int, help="stop rule: absent slices in a row before stopping")
+    parser.add_argument("--sweep", action="store_true",
+                        help="compare every projection x --sweep-min-area x --sweep-patience (first round); "
+                             "writes sweep.md")
+    parser.add_argument("--sweep-projections", nargs="*",
+                        default=["box", "mask", "box+mask", "points", "points+mask", "point"])
+    parser.add_argument("--sweep-min-area", nargs="*", type=int, default=[1, 10, 50])
+    parser.add_argument("--sweep-patience", nargs="*", type=int, default=[1, 2, 3])
     parser.add_argument("--no-montage", action="store_true", help="skip the PNG montages")
     parser.add_argument("--out", default="sam3d-eval", help="output folder (default: ./sam3d-eval)")
     parser.set_defaults(run=run)
@@ -61,7 +68,28 @@ def run(args: argparse.Namespace) -> int:
         propagation=PropagationOptions(stop=StopRule(**stop)), engine_options=engine_options,
     )
     cases = select_cases(open_dataset(args.data), args.cases)
+    if args.sweep:
+        return run_sweep(args, config, cases)
     rows = evaluate_dataset(config, cases, args.targets, args.out, montage=not args.no_montage)
     print(summary_table(rows))
     print(f"wrote {args.out}/results.csv, {args.out}/summary.md" + ("" if args.no_montage else " and montages"))
+    return 0
+
+
+def run_sweep(args: argparse.Namespace, config, cases) -> int:
+    from pathlib import Path
+
+    from ..evaluation import evaluate_sweep, sweep_grid, sweep_table
+
+    settings = sweep_grid(args.sweep_projections, args.sweep_min_area, args.sweep_patience, config.propagation)
+    results = evaluate_sweep(config, cases, settings, args.targets)
+    table = sweep_table(results, {s.label: s.propagation.stop.patience for s in settings})
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.md").write_text(
+        f"# Sweep: engine {args.engine}, {args.prompt} prompt, seed {args.seed}, first propagation\n\n"
+        f"Whole-volume Dice, NSD at {args.nsd_tolerance:g} mm, HD95; best mean Dice first.\n\n{table}"
+    )
+    print(table)
+    print(f"wrote {out}/sweep.md")
     return 0
