@@ -271,3 +271,29 @@ def test_session_options_are_passed_through(model):
     session = open_sam_session(asymmetric_volume(), 0, model, TINY_SAM_SPEC, device="cpu",
                                options=SlicewiseOptions(projection="points", fill_holes=True))
     assert session.options.projection == "points" and session.options.fill_holes
+
+
+class EncoderRunningOutOfMemory(torch.nn.Module):
+    """A test double wrapping the real encoder: it runs ``allowed`` times, then runs out of memory."""
+
+    def __init__(self, encoder, allowed):
+        super().__init__()
+        self.encoder, self.allowed, self.img_size = encoder, allowed, encoder.img_size
+
+    def forward(self, x):
+        if self.allowed <= 0:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 4.00 GiB")
+        self.allowed -= 1
+        return self.encoder(x)
+
+
+def test_failed_propagation_leaves_the_mask_unchanged():
+    model = tiny_sam()
+    model.image_encoder = EncoderRunningOutOfMemory(model.image_encoder, allowed=3)
+    session = open_sam_session(asymmetric_volume(n_slices=8), 0, model, TINY_SAM_SPEC, device="cpu")
+    session.add_prompt(1, SlicePrompt(0, 4, box=Box(6, 28, 22, 54)))
+    keep_going = StopRule(min_area=0, min_score=None)
+    first = session.propagate(1, PropagationOptions(slice_range=(3, 5), stop=keep_going)).mask.copy()
+    with pytest.raises(ModelOutOfMemoryError, match="--device cpu"):
+        session.propagate(1, PropagationOptions(slice_range=(0, 7), stop=keep_going))
+    assert np.array_equal(session.mask(1), first)
