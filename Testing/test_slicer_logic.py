@@ -26,7 +26,7 @@ from SAM3DSegmentSlicerLogic.segment_writer import (  # noqa: E402
     other_segments, read_segment, segmentation_history, write_segment,
 )
 from SAM3DSegmentSlicerLogic.settings import PanelSettings, load_settings, save_settings  # noqa: E402
-from SAM3DSegmentSlicerLogic.view_prompts import axis_of_view, box_prompt, point_prompt  # noqa: E402
+from SAM3DSegmentSlicerLogic.view_prompts import axis_of_view, box_prompt, point_prompt, slice_index_of_view  # noqa: E402
 from SAM3DSegmentSlicerLogic.volume_nodes import numpy_to_matrix, oriented_image_from_mask, volume_from_node  # noqa: E402
 from SAM3DSegmentSlicerLogic.worker import ModelWorker  # noqa: E402
 
@@ -192,6 +192,15 @@ def test_real_slice_nodes_give_the_expected_axis(scene):
         assert node.SetOrientation(orientation)
         slice_to_ras = np.array([[node.GetSliceToRAS().GetElement(r, c) for c in range(4)] for r in range(4)])
         assert axis_of_view(slice_to_ras, FLIPPED_OBLIQUE) == expected, orientation
+    volume = volume_from_node(add_volume(scene, np.zeros(SHAPE, np.int16)))
+    assert node.SetOrientation("Axial")
+    node.JumpSliceByCentering(*volume.kji_to_ras((7, 3, 2)))
+    slice_to_ras = np.array([[node.GetSliceToRAS().GetElement(r, c) for c in range(4)] for r in range(4)])
+    assert slice_index_of_view(volume, 0, slice_to_ras) == 7
+    node.JumpSliceByCentering(*volume.kji_to_ras((40, 3, 2)))
+    slice_to_ras = np.array([[node.GetSliceToRAS().GetElement(r, c) for c in range(4)] for r in range(4)])
+    with pytest.raises(PromptError, match="no slice"):
+        slice_index_of_view(volume, 0, slice_to_ras)
 
 
 @pytest.mark.parametrize("axis", [0, 1, 2])

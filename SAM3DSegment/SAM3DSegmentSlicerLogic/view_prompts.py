@@ -78,6 +78,18 @@ def slice_index_at(volume: Volume, axis: int, ras) -> int:
     return _located(volume, axis, ras)[0]
 
 
+def slice_index_of_view(volume: Volume, axis: int, slice_to_ras) -> int:
+    """The slice along ``axis`` that a slice view shows (its plane through the SliceToRAS origin)."""
+    origin = np.asarray(slice_to_ras, dtype=float)[:3, 3]
+    index = int(round(float(volume.ras_to_kji(origin)[axis])))
+    if not 0 <= index < volume.shape[axis]:
+        raise PromptError(
+            f"The slice view shows no slice of volume '{volume.name}' (slice {index} along {AXIS_NAMES[axis]}). "
+            "Scroll to a slice inside the volume."
+        )
+    return index
+
+
 def prompt_markers_ras(volume: Volume, prompt: SlicePrompt) -> list[tuple[np.ndarray, bool]]:
     """RAS positions of a prompt's points (to draw markers), with include/exclude flags."""
     from SAM3DSegmentLib.volume import slice_to_kji

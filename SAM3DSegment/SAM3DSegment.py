@@ -1,0 +1,403 @@
+"""SAM 3D: promptable 3D segmentation with Segment Anything models in 3D Slicer.
+
+The module panel keeps the settings (engine, model, device, propagation options) in a parameter
+node, downloads models, and installs dependencies on request. Segmenting happens in the Segment
+Editor with the "SAM 3D" effect (SegmentEditorSAM3DLib), registered when Slicer starts. All work
+below the Qt layer is in SAM3DSegmentSlicerLogic (no Qt) and the SAM3DSegmentLib library.
+"""
+
+import logging
+import os
+import sys
+
+import qt
+import slicer
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
+if MODULE_DIR not in sys.path:
+    sys.path.insert(0, MODULE_DIR)
+
+from SAM3DSegmentSlicerLogic import dependencies  # noqa: E402  (no heavy imports)
+from SAM3DSegmentSlicerLogic.settings import DEVICES, DIRECTIONS, PanelSettings, load_settings, save_settings  # noqa: E402
+
+ENGINE_NAMES = ("auto", "weightfree", "slicewise", "sam2")
+PROJECTION_NAMES = ("box", "mask", "box+mask", "points", "points+mask", "point")
+EFFECT_NAME = "SAM 3D"
+
+
+#
+# Module
+#
+
+class SAM3DSegment(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "SAM 3D Segment"
+        self.parent.categories = ["Segmentation"]
+        self.parent.dependencies = ["Segmentations"]
+        self.parent.contributors = ["SAM3DSegment contributors"]
+        self.parent.helpText = (
+            "Promptable 3D segmentation with Segment Anything models (SAM, MedSAM slice by slice; "
+            "SAM 2.1, MedSAM2 with video memory) and a weight-free engine. Use the SAM 3D effect in "
+            "the Segment Editor: click or box on one slice, then Propagate."
+        )
+        self.parent.acknowledgementText = (
+            "Builds on Segment Anything (Meta, Apache-2.0), SAM 2 (Meta, Apache-2.0), MedSAM and MedSAM2 "
+            "(Wang lab, Apache-2.0), and the ideas of Slide-SAM and 3DSAM-adapter."
+        )
+        slicer.app.connect("startupCompleted()", registerSegmentEditorEffect)
+
+
+def registerSegmentEditorEffect():
+    """Register the SAM 3D Segment Editor effect (when the Segment Editor is available)."""
+    try:
+        import qSlicerSegmentationsEditorEffectsPythonQt as effects
+    except ImportError:
+        logging.info("Segment Editor effects are not available; the SAM 3D effect is not registered.")
+        return
+    instance = effects.qSlicerSegmentEditorScriptedEffect(None)
+    effect_path = os.path.join(MODULE_DIR, "SegmentEditorSAM3DLib", "SegmentEditorEffect.py")
+    instance.setPythonSource(effect_path.replace("\\", "/"))
+    instance.self().register()
+
+
+#
+# Widget
+#
+
+class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """The panel: settings in a parameter node, model download, dependency install."""
+
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._updatingGUI = False
+        self._downloadWorker = None
+        self._downloadTimer = None
+
+    def setup(self):
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/SAM3DSegment.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = SAM3DSegmentLogic()
+
+        for name in ENGINE_NAMES:
+            self.ui.engineComboBox.addItem(name)
+        for name in DIRECTIONS:
+            self.ui.directionComboBox.addItem(name)
+        for name in PROJECTION_NAMES:
+            self.ui.projectionComboBox.addItem(name)
+        for name in DEVICES:
+            self.ui.deviceComboBox.addItem(name)
+        self.ui.modelComboBox.addItem("(engine default)", "")
+        for name, description in self.logic.modelChoices():
+            self.ui.modelComboBox.addItem(name, name)
+            self.ui.modelComboBox.setItemData(self.ui.modelComboBox.count - 1, description, qt.Qt.ToolTipRole)
+        self.ui.checkpointPathLineEdit.filters = self.ui.checkpointPathLineEdit.Files
+        self.ui.checkpointPathLineEdit.nameFilters = ["Checkpoints (*.pt *.pth)", "All files (*)"]
+        self.ui.downloadProgressBar.setVisible(False)
+
+        for combo in (self.ui.engineComboBox, self.ui.directionComboBox, self.ui.projectionComboBox,
+                      self.ui.deviceComboBox, self.ui.modelComboBox):
+            combo.connect("currentIndexChanged(int)", self.updateParameterNodeFromGUI)
+        for spin in (self.ui.firstSliceSpinBox, self.ui.lastSliceSpinBox, self.ui.minAreaSpinBox,
+                     self.ui.patienceSpinBox, self.ui.minScoreSpinBox):
+            spin.connect("valueChanged(double)" if spin is self.ui.minScoreSpinBox else "valueChanged(int)",
+                         self.updateParameterNodeFromGUI)
+        self.ui.checkpointPathLineEdit.connect("currentPathChanged(QString)", self.updateParameterNodeFromGUI)
+        self.ui.downloadButton.connect("clicked(bool)", self.onDownload)
+        self.ui.installButton.connect("clicked(bool)", self.onInstall)
+        self.ui.openSegmentEditorButton.connect("clicked(bool)", self.onOpenSegmentEditor)
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.initializeParameterNode()
+        self.updateDependencyState()
+
+    def cleanup(self):
+        self.removeObservers()
+        if self._downloadWorker is not None:
+            self._downloadWorker.shutdown()
+
+    def enter(self):
+        self.initializeParameterNode()
+
+    def onSceneEndClose(self, caller, event):
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    # --- parameter node --------------------------------------------------------------------
+
+    def initializeParameterNode(self):
+        node = self.logic.getParameterNode()
+        if self._parameterNode is not None:
+            self.removeObserver(self._parameterNode, vtkModifiedEvent(), self.updateGUIFromParameterNode)
+        self._parameterNode = node
+        self.addObserver(node, vtkModifiedEvent(), self.updateGUIFromParameterNode)
+        self.updateGUIFromParameterNode()
+
+    def updateGUIFromParameterNode(self, caller=None, event=None):
+        if self._parameterNode is None or self._updatingGUI:
+            return
+        self._updatingGUI = True
+        try:
+            settings = load_settings(self._parameterNode)
+            self.ui.engineComboBox.currentText = settings.engine
+            index = self.ui.modelComboBox.findData(settings.model)
+            self.ui.modelComboBox.currentIndex = max(index, 0)
+            self.ui.checkpointPathLineEdit.currentPath = settings.checkpoint
+            self.ui.deviceComboBox.currentText = settings.device
+            self.ui.directionComboBox.currentText = settings.direction
+            self.ui.firstSliceSpinBox.value = settings.first_slice
+            self.ui.lastSliceSpinBox.value = settings.last_slice
+            self.ui.minAreaSpinBox.value = settings.min_area
+            self.ui.minScoreSpinBox.value = settings.min_score
+            self.ui.patienceSpinBox.value = settings.patience
+            self.ui.projectionComboBox.currentText = settings.projection
+            self.ui.projectionComboBox.enabled = settings.engine != "sam2"
+            self.ui.modelStateLabel.text = self.logic.modelState(settings)
+        finally:
+            self._updatingGUI = False
+
+    def updateParameterNodeFromGUI(self, *unused):
+        if self._parameterNode is None or self._updatingGUI:
+            return
+        settings = PanelSettings(
+            engine=self.ui.engineComboBox.currentText,
+            model=self.ui.modelComboBox.currentData or "",
+            checkpoint=self.ui.checkpointPathLineEdit.currentPath,
+            device=self.ui.deviceComboBox.currentText,
+            direction=self.ui.directionComboBox.currentText,
+            first_slice=self.ui.firstSliceSpinBox.value,
+            last_slice=self.ui.lastSliceSpinBox.value,
+            min_area=self.ui.minAreaSpinBox.value,
+            min_score=self.ui.minScoreSpinBox.value,
+            patience=self.ui.patienceSpinBox.value,
+            projection=self.ui.projectionComboBox.currentText,
+        )
+        save_settings(settings, self._parameterNode)
+
+    # --- model download ----------------------------------------------------------------------
+
+    def onDownload(self):
+        from SAM3DSegmentSlicerLogic.messages import user_message
+        from SAM3DSegmentSlicerLogic.worker import ModelWorker
+
+        name = self.ui.modelComboBox.currentData or self.logic.defaultModel(self.ui.engineComboBox.currentText)
+        if not name:
+            slicer.util.infoDisplay("The weight-free engine needs no model. Choose a model to download.")
+            return
+        if not slicer.util.confirmOkCancelDisplay(self.logic.downloadQuestion(name), windowTitle="Download model"):
+            return
+        try:
+            self.logic.checkDependencies(["torch"])
+        except Exception as error:
+            slicer.util.errorDisplay(user_message(error))
+            return
+        if self._downloadWorker is None:
+            self._downloadWorker = ModelWorker("SAM3D download")
+            self._downloadTimer = qt.QTimer()
+            self._downloadTimer.setInterval(200)
+            self._downloadTimer.connect("timeout()", self.pollDownload)
+        self.ui.downloadButton.enabled = False
+        self.ui.downloadProgressBar.setVisible(True)
+        self.ui.downloadProgressBar.value = 0
+        self._downloadWorker.submit(lambda progress, cancelled: self.logic.download(name, progress), f"download {name}")
+        self._downloadTimer.start()
+
+    def pollDownload(self):
+        from SAM3DSegmentSlicerLogic.messages import user_message
+
+        for event in self._downloadWorker.poll():
+            if event.kind == "progress":
+                self.ui.downloadProgressBar.maximum = max(event.total, 1)
+                self.ui.downloadProgressBar.value = event.done
+                continue
+            self._downloadTimer.stop()
+            self.ui.downloadButton.enabled = True
+            self.ui.downloadProgressBar.setVisible(False)
+            if event.kind == "finished":
+                self.ui.statusLabel.text = f"Downloaded and verified: {event.result}"
+            else:
+                slicer.util.errorDisplay(user_message(event.error))
+            self.updateGUIFromParameterNode()
+
+    # --- dependencies ------------------------------------------------------------------------
+
+    def updateDependencyState(self):
+        self.ui.dependencyStateLabel.text = dependencies.describe_state()
+        missing = dependencies.missing()
+        self.ui.installButton.enabled = bool(missing)
+        if missing:
+            self.ui.dependenciesCollapsibleButton.collapsed = False
+
+    def onInstall(self):
+        from SAM3DSegmentSlicerLogic.messages import user_message
+
+        packages = dependencies.pip_requirements()
+        question = "SAM 3D will install:\n"
+        if dependencies.needs_pytorch():
+            question += "- PyTorch, through the PyTorch extension (a large download)\n"
+        if packages:
+            question += f"- with pip: {', '.join(packages)}\n"
+        question += "Slicer may be unresponsive during the installation. Continue?"
+        if not slicer.util.confirmOkCancelDisplay(question, windowTitle="Install dependencies"):
+            return
+        try:
+            with slicer.util.WaitCursor():
+                self.logic.installDependencies()
+        except Exception as error:
+            slicer.util.errorDisplay(user_message(error))
+        self.updateDependencyState()
+
+    def onOpenSegmentEditor(self):
+        slicer.util.selectModule("SegmentEditor")
+        editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
+        editor.setActiveEffectByName(EFFECT_NAME)
+
+
+def vtkModifiedEvent():
+    import vtk
+
+    return vtk.vtkCommand.ModifiedEvent
+
+
+#
+# Logic (Slicer application glue; everything testable lives in SAM3DSegmentSlicerLogic)
+#
+
+class SAM3DSegmentLogic(ScriptedLoadableModuleLogic):
+    """Settings, model download and dependency installation for the module and the effect."""
+
+    def __init__(self):
+        ScriptedLoadableModuleLogic.__init__(self)
+
+    def settings(self) -> PanelSettings:
+        return load_settings(self.getParameterNode())
+
+    def modelChoices(self):
+        from SAM3DSegmentLib.registry import REGISTRY
+
+        return [(name, f"{spec.description} ({spec.licence})") for name, spec in REGISTRY.items()]
+
+    def defaultModel(self, engine):
+        from SAM3DSegmentLib.registry import DEFAULT_SAM2_MODEL
+
+        return {"slicewise": "sam_vit_b", "weightfree": ""}.get(engine, DEFAULT_SAM2_MODEL)
+
+    def modelState(self, settings: PanelSettings) -> str:
+        if settings.checkpoint:
+            exists = os.path.isfile(settings.checkpoint)
+            return f"Local checkpoint {'found' if exists else 'NOT FOUND'}: {settings.checkpoint}"
+        name = settings.model or self.defaultModel(settings.engine)
+        if not name:
+            return "Weight-free engine: no model needed."
+        from SAM3DSegmentLib.download import cached_path, is_cached
+
+        return f"{name}: {'in the cache' if is_cached(name) else 'not downloaded'} ({cached_path(name)})"
+
+    def downloadQuestion(self, name) -> str:
+        from SAM3DSegmentLib.download import cache_dir
+        from SAM3DSegmentLib.registry import get_spec
+
+        spec = get_spec(name)
+        size = f"{spec.file_size / 1e6:.0f} MB" if spec.file_size else "size not published"
+        return (f"Download {spec.name} ({size}, licence {spec.licence}) from\n{spec.url}\n"
+                f"into {cache_dir()}?\nThe checksum is verified after download.")
+
+    def download(self, name, progress):
+        from SAM3DSegmentLib.download import download
+
+        return download(name, lambda done, total: progress(done, total or 0, -1))
+
+    def checkDependencies(self, modules):
+        from SAM3DSegmentLib.errors import DependencyError
+
+        missing = [m for m in modules if not dependencies.is_installed(m)]
+        if missing:
+            raise DependencyError(f"Missing Python packages: {', '.join(missing)}.")
+
+    def installDependencies(self):
+        """Install what is missing: PyTorch via the PyTorch extension, the rest with pip (main thread)."""
+        from SAM3DSegmentLib.errors import DependencyError
+
+        if dependencies.needs_pytorch():
+            try:
+                import PyTorchUtils
+            except ImportError as error:
+                raise DependencyError(
+                    "The PyTorch extension is not installed. Install 'PyTorch' from the Extensions Manager, "
+                    "restart Slicer, then press Install again."
+                ) from error
+            torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True)
+            if torch is None:
+                raise DependencyError("PyTorch was not installed. Press Install again to retry.")
+        packages = dependencies.pip_requirements()
+        if packages:
+            slicer.util.pip_install(packages)
+
+
+#
+# Self-test (runs inside Slicer: Developer Tools > Self Tests, or the Reload and Test button)
+#
+
+class SAM3DSegmentTest(ScriptedLoadableModuleTest):
+    def setUp(self):
+        slicer.mrmlScene.Clear(0)
+
+    def runTest(self):
+        self.setUp()
+        self.test_prompt_and_propagate_with_the_weightfree_engine()
+        self.setUp()
+        self.test_effect_is_registered()
+
+    def test_prompt_and_propagate_with_the_weightfree_engine(self):
+        """A synthetic CT with a lesion: one click, propagate, compare the segment with the truth."""
+        import numpy as np
+
+        from SAM3DSegmentLib.sample_data import make_sample
+        from SAM3DSegmentSlicerLogic.segment_propagation import SegmentPropagation
+        from SAM3DSegmentSlicerLogic.segment_writer import read_segment
+        from SAM3DSegmentSlicerLogic.session_factory import session_factory_for
+        from SAM3DSegmentSlicerLogic.volume_nodes import numpy_to_matrix
+
+        self.delayDisplay("Synthetic volume")
+        sample = make_sample(shape_kji=(20, 80, 96))
+        volumeNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "SAM3D sample")
+        slicer.util.updateVolumeFromArray(volumeNode, sample.volume.array)
+        volumeNode.SetIJKToRASMatrix(numpy_to_matrix(sample.volume.ijk_to_ras))
+        volumeNode.SetAttribute("DICOM.Modality", "CT")
+        segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+        segmentationNode.CreateDefaultDisplayNodes()
+        segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+        lesion = segmentationNode.GetSegmentation().AddEmptySegment("lesion")
+
+        self.delayDisplay("Click and propagate")
+        logic = SegmentPropagation(volumeNode, segmentationNode, session_factory_for(PanelSettings(engine="weightfree")))
+        logic.add_prompt(lesion, logic.point_from_ras(sample.volume.kji_to_ras(sample.click_kji), True, axis=0))
+        result, report = logic.propagate(lesion)
+        segment = read_segment(segmentationNode, lesion, logic.volume)
+        dice = 2 * np.count_nonzero(segment & sample.truth) / (segment.sum() + sample.truth.sum())
+        self.assertGreater(dice, 0.6)
+        self.assertEqual(result.engine, "weightfree")
+        self.delayDisplay(f"Dice {dice:.2f} with {len(result.slices_computed)} slices computed")
+
+    def test_effect_is_registered(self):
+        editor = slicer.qMRMLSegmentEditorWidget()
+        editor.setMRMLScene(slicer.mrmlScene)
+        node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+        editor.setMRMLSegmentEditorNode(node)
+        if editor.effectByName(EFFECT_NAME) is None:
+            registerSegmentEditorEffect()
+            editor.updateEffectList()
+        self.assertIsNotNone(editor.effectByName(EFFECT_NAME))

@@ -1,0 +1,1 @@
+"""The SAM 3D Segment Editor effect (registered by the SAM3DSegment module at startup)."""
