@@ -369,14 +369,13 @@ class SAM3DSegmentTest(ScriptedLoadableModuleTest):
         from SAM3DSegmentSlicerLogic.segment_propagation import SegmentPropagation
         from SAM3DSegmentSlicerLogic.segment_writer import read_segment
         from SAM3DSegmentSlicerLogic.session_factory import session_factory_for
-        from SAM3DSegmentSlicerLogic.volume_nodes import numpy_to_matrix
+        from SAM3DSegmentSlicerLogic.volume_nodes import add_volume_node
 
         self.delayDisplay("Synthetic volume")
         sample = make_sample(shape_kji=(20, 80, 96))
-        volumeNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "SAM3D sample")
-        slicer.util.updateVolumeFromArray(volumeNode, sample.volume.array)
-        volumeNode.SetIJKToRASMatrix(numpy_to_matrix(sample.volume.ijk_to_ras))
-        volumeNode.SetAttribute("DICOM.Modality", "CT")
+        volumeNode = add_volume_node(slicer.mrmlScene, sample.volume, "SAM3D sample")
+        volumeNode.CreateDefaultDisplayNodes()
+        slicer.util.setSliceViewerLayers(background=volumeNode, fit=True)
         segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
         segmentationNode.CreateDefaultDisplayNodes()
         segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
@@ -390,6 +389,7 @@ class SAM3DSegmentTest(ScriptedLoadableModuleTest):
         dice = 2 * np.count_nonzero(segment & sample.truth) / (segment.sum() + sample.truth.sum())
         self.assertGreater(dice, 0.6)
         self.assertEqual(result.engine, "weightfree")
+        self.assertEqual(report.changed_voxels, int(segment.sum()) - int(segment[sample.click_kji[0]].sum()))
         self.delayDisplay(f"Dice {dice:.2f} with {len(result.slices_computed)} slices computed")
 
     def test_effect_is_registered(self):

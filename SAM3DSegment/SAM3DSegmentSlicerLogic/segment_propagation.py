@@ -27,7 +27,7 @@ from SAM3DSegmentLib.volume import AXIS_NAMES, Volume, get_slice, slice_index_tu
 from .masking import MaskingSettings
 from .segment_writer import WriteReport, check_segment, read_segment, write_segment
 from .view_prompts import box_prompt, point_prompt
-from .volume_nodes import volume_from_node
+from .volume_nodes import extent_slices, volume_from_node
 
 log = logging.getLogger(__name__)
 
@@ -206,5 +206,10 @@ class SegmentPropagation:
             self.segmentation_node, segment_id, mask, self.volume,
             masking=self.masking(), save_undo_state=self.save_undo_state, within=within,
         )
-        self._last_written[segment_id] = report.segment_after
+        last = self._last_written.get(segment_id)
+        if last is None:
+            last = read_segment(self.segmentation_node, segment_id, self.volume)
+        else:
+            last[extent_slices(report.examined_extent)] = report.examined_after
+        self._last_written[segment_id] = last
         return report

@@ -17,7 +17,7 @@ from SAM3DSegmentLib.errors import InputError
 from SAM3DSegmentLib.volume import Volume
 
 from .masking import MaskingSettings, SegmentLayer, apply_masking, editable_region, segments_to_overwrite
-from .volume_nodes import mask_from_oriented_image, oriented_image_from_mask
+from .volume_nodes import extent_slices, full_extent, mask_from_oriented_image, oriented_image_from_block
 
 log = logging.getLogger(__name__)
 
@@ -26,12 +26,18 @@ ExtentKJI = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
 
 @dataclass
 class WriteReport:
-    """What a write changed: voxels of the selected segment, its extent, voxels taken from others."""
+    """What a write changed.
+
+    ``changed_voxels`` of the selected segment inside ``extent_kji`` (None: nothing changed);
+    ``overwritten``: voxels taken from other segments. ``examined_extent`` is the block that was
+    read and compared, and ``examined_after`` the selected segment there after the write.
+    """
 
     changed_voxels: int
     extent_kji: ExtentKJI | None
     overwritten: dict[str, int] = field(default_factory=dict)
-    segment_after: np.ndarray | None = field(default=None, repr=False)
+    examined_extent: ExtentKJI | None = None
+    examined_after: np.ndarray | None = field(default=None, repr=False)
 
 
 def _segments_logic():
@@ -58,8 +64,8 @@ def check_segment(segmentation_node, segment_id: str | None) -> None:
         )
 
 
-def read_segment(segmentation_node, segment_id: str, volume: Volume) -> np.ndarray:
-    """The segment's voxels on the volume's grid (k, j, i), as booleans.
+def read_segment(segmentation_node, segment_id: str, volume: Volume, extent_kji: ExtentKJI | None = None) -> np.ndarray:
+    """The segment's voxels on the volume's grid (k, j, i), as booleans (only ``extent_kji`` if given).
 
     Segments share labelmap layers; a segment is the voxels of its layer equal to its label value.
     """
@@ -68,10 +74,9 @@ def read_segment(segmentation_node, segment_id: str, volume: Volume) -> np.ndarr
     check_segment(segmentation_node, segment_id)
     segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
     name = slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName()
-    layer = segment.GetRepresentation(name)
-    if layer is None or layer.IsEmpty():
-        return np.zeros(volume.shape, dtype=bool)
-    return mask_from_oriented_image(layer, volume.shape, volume.ijk_to_ras, label=segment.GetLabelValue())
+    return mask_from_oriented_image(
+        segment.GetRepresentation(name), volume.shape, volume.ijk_to_ras, segment.GetLabelValue(), extent_kji
+    )
 
 
 def segment_visible(segmentation_node, segment_id: str) -> bool:
@@ -79,15 +84,17 @@ def segment_visible(segmentation_node, segment_id: str) -> bool:
     return True if display is None else bool(display.GetSegmentVisibility(segment_id))
 
 
-def other_segments(segmentation_node, segment_id: str, volume: Volume) -> dict[str, SegmentLayer]:
-    """Every segment except ``segment_id`` on the volume's grid, with its visibility."""
+def other_segments(
+    segmentation_node, segment_id: str, volume: Volume, extent_kji: ExtentKJI | None = None
+) -> dict[str, SegmentLayer]:
+    """Every segment except ``segment_id`` on the volume's grid (or its ``extent_kji``), with its visibility."""
     segmentation = segmentation_node.GetSegmentation()
     layers = {}
     for index in range(segmentation.GetNumberOfSegments()):
         other_id = segmentation.GetNthSegmentID(index)
         if other_id != segment_id:
             layers[other_id] = SegmentLayer(
-                read_segment(segmentation_node, other_id, volume), segment_visible(segmentation_node, other_id)
+                read_segment(segmentation_node, other_id, volume, extent_kji), segment_visible(segmentation_node, other_id)
             )
     return layers
 
@@ -104,13 +111,33 @@ def bounding_extent(changed: np.ndarray) -> ExtentKJI | None:
     return tuple(limits)  # type: ignore[return-value]
 
 
-def _replace_in_extent(segmentation_node, segment_id: str, mask: np.ndarray, volume: Volume, extent: ExtentKJI) -> None:
-    """Make the segment equal ``mask`` inside ``extent`` and leave it alone outside.
+def _offset(extent: ExtentKJI, start) -> ExtentKJI:
+    return tuple((low + s, high + s) for (low, high), s in zip(extent, start))  # type: ignore[return-value]
 
-    (``MODE_REPLACE`` would clear the segment outside the extent; max-merging then min-merging
+
+def index_extent(within, shape) -> ExtentKJI:
+    """Inclusive extent of a numpy index made of integers and full slices (e.g. one slice)."""
+    if not isinstance(within, tuple):
+        within = (within,)
+    limits = []
+    for axis, n in enumerate(shape):
+        key = within[axis] if axis < len(within) else slice(None)
+        if isinstance(key, (int, np.integer)):
+            limits.append((int(key), int(key)))
+        elif key == slice(None):
+            limits.append((0, n - 1))
+        else:
+            raise InputError("Writes can be limited to whole slices only.")
+    return tuple(limits)  # type: ignore[return-value]
+
+
+def _replace_block(segmentation_node, segment_id: str, block: np.ndarray, start, volume: Volume) -> None:
+    """Make the segment equal ``block`` (placed at voxel ``start``) there, and leave it alone elsewhere.
+
+    (``MODE_REPLACE`` would clear the segment outside the block; max-merging then min-merging
     the same block replaces exactly the block.)
     """
-    image = oriented_image_from_mask(mask, volume.ijk_to_ras, extent)
+    image = oriented_image_from_block(block, volume.ijk_to_ras, start)
     logic = _segments_logic()
     for mode in (logic.MODE_MERGE_MAX, logic.MODE_MERGE_MIN):
         if not logic.SetBinaryLabelmapToSegment(image, segmentation_node, segment_id, mode, image.GetExtent()):
@@ -128,45 +155,55 @@ def write_segment(
 ) -> WriteReport:
     """Write ``mask`` (k, j, i on the volume grid) into one segment.
 
-    ``within`` (a numpy index, e.g. one slice) limits the write to that part of the volume; the
-    rest of the segment is kept. ``save_undo_state`` is called once before the first change.
+    ``within`` (a numpy index of whole slices, e.g. ``(5,)``) limits the write to that part of
+    the volume. Other segments are read only where the selected segment would change.
+    ``save_undo_state`` is called once, before the first change, and only if something changes.
     """
     masking = masking or MaskingSettings()
     mask = np.asarray(mask, dtype=bool)
     if mask.shape != volume.shape:
         raise InputError(f"Result has shape {mask.shape}, the volume {volume.shape}.")
-    old = read_segment(segmentation_node, segment_id, volume)
-    wanted = old.copy()
-    if within is None:
-        wanted = mask
-    else:
-        wanted[within] = mask[within]
-    others = other_segments(segmentation_node, segment_id, volume)
-    editable = editable_region(masking, old, others, volume.array)
-    after = apply_masking(wanted, old, editable)
-    gained = after & ~old
-    overwritten = {}
-    for other_id in segments_to_overwrite(masking, others):
-        lost = others[other_id].mask & gained
-        if lost.any():
-            overwritten[other_id] = int(lost.sum())
-    changed = after != old
-    extent = bounding_extent(changed)
-    if extent is None:
-        return WriteReport(0, None, {}, after)
+    examined = full_extent(volume.shape) if within is None else index_extent(within, volume.shape)
+    old = read_segment(segmentation_node, segment_id, volume, examined)
+    wanted = mask[extent_slices(examined)]
+    candidates = bounding_extent(wanted != old)
+    if candidates is None:
+        return WriteReport(0, None, {}, examined, old)
+    block = extent_slices(candidates)
+    start = [low + e[0] for (low, _), e in zip(candidates, examined)]
+    block_extent = _offset(candidates, [e[0] for e in examined])
+    others = other_segments(segmentation_node, segment_id, volume, block_extent)
+    source = volume.array[extent_slices(block_extent)]
+    old_block = old[block]
+    editable = editable_region(masking, old_block, others, source)
+    after_block = apply_masking(wanted[block], old_block, editable)
+    after = old.copy()
+    after[block] = after_block
+    changed = after_block != old_block
+    if not changed.any():
+        return WriteReport(0, None, {}, examined, after)
+    gained = after_block & ~old_block
+    overwritten = {
+        other_id: int((others[other_id].mask & gained).sum())
+        for other_id in segments_to_overwrite(masking, others)
+        if (others[other_id].mask & gained).any()
+    }
     if save_undo_state is not None:
         save_undo_state()
-    # MRML is modified in one batch so views update once
-    was_modifying = segmentation_node.StartModify()
+    changed_extent = bounding_extent(changed)
+    written = extent_slices(changed_extent)
+    written_start = [low + s for (low, _), s in zip(changed_extent, start)]
+    was_modifying = segmentation_node.StartModify()  # one update of the views
     try:
-        _replace_in_extent(segmentation_node, segment_id, after, volume, extent)
+        _replace_block(segmentation_node, segment_id, after_block[written], written_start, volume)
         for other_id in overwritten:
             kept = others[other_id].mask & ~gained
-            _replace_in_extent(segmentation_node, other_id, kept, volume, bounding_extent(others[other_id].mask & gained))
+            _replace_block(segmentation_node, other_id, kept[written], written_start, volume)
     finally:
         segmentation_node.EndModify(was_modifying)
-    log.info("Wrote %d voxels of segment %s in extent %s", int(changed.sum()), segment_id, extent)
-    return WriteReport(int(changed.sum()), extent, overwritten, after)
+    final_extent = _offset(changed_extent, start)
+    log.info("Wrote %d voxels of segment %s in extent %s", int(changed.sum()), segment_id, final_extent)
+    return WriteReport(int(changed.sum()), final_extent, overwritten, examined, after)
 
 
 def segmentation_history(segmentation_node, max_states: int = 20):

@@ -70,40 +70,74 @@ def volume_from_node(volume_node) -> Volume:
     return Volume(array, ijk_to_world(volume_node), name=name, modality=modality)
 
 
+def full_extent(shape_kji) -> tuple:
+    """Inclusive (k, j, i) limits of a whole volume."""
+    return tuple((0, int(n) - 1) for n in shape_kji)
+
+
+def extent_slices(extent_kji) -> tuple:
+    """Numpy index of an inclusive (k, j, i) extent."""
+    return tuple(slice(low, high + 1) for low, high in extent_kji)
+
+
+def oriented_image_from_block(block: np.ndarray, ijk_to_ras: np.ndarray, start_kji=(0, 0, 0)):
+    """A ``vtkOrientedImageData`` (uint8 0/1) of ``block`` placed at voxel ``start_kji`` of the volume grid."""
+    import slicer
+
+    k0, j0, i0 = (int(v) for v in start_kji)
+    nk, nj, ni = block.shape
+    image = slicer.vtkOrientedImageData()
+    image.SetExtent(i0, i0 + ni - 1, j0, j0 + nj - 1, k0, k0 + nk - 1)
+    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = np.ascontiguousarray(block, dtype=np.uint8).ravel()
+    image.SetImageToWorldMatrix(numpy_to_matrix(ijk_to_ras))
+    return image
+
+
 def oriented_image_from_mask(mask: np.ndarray, ijk_to_ras: np.ndarray, extent_kji=None):
     """A ``vtkOrientedImageData`` (uint8 0/1) of ``mask`` (k, j, i) in the volume's geometry.
 
     ``extent_kji`` = ((k0, k1), (j0, j1), (i0, i1)) inclusive limits only that block.
     """
-    import slicer
-
-    if extent_kji is None:
-        extent_kji = tuple((0, n - 1) for n in mask.shape)
-    (k0, k1), (j0, j1), (i0, i1) = extent_kji
-    block = np.ascontiguousarray(mask[k0:k1 + 1, j0:j1 + 1, i0:i1 + 1], dtype=np.uint8)
-    image = slicer.vtkOrientedImageData()
-    image.SetExtent(i0, i1, j0, j1, k0, k1)
-    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
-    numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = block.ravel()
-    image.SetImageToWorldMatrix(numpy_to_matrix(ijk_to_ras))
-    return image
+    extent_kji = extent_kji or full_extent(mask.shape)
+    return oriented_image_from_block(mask[extent_slices(extent_kji)], ijk_to_ras, [low for low, _ in extent_kji])
 
 
 def mask_from_oriented_image(
-    image, shape_kji: tuple[int, int, int], ijk_to_ras: np.ndarray, label: int | None = None
+    image, shape_kji: tuple[int, int, int], ijk_to_ras: np.ndarray, label: int | None = None, extent_kji=None
 ) -> np.ndarray:
     """Resample an oriented labelmap onto the volume grid (nearest neighbour); True where it
-    equals ``label`` (or is non-zero when ``label`` is None)."""
+    equals ``label`` (or is non-zero when ``label`` is None). With ``extent_kji`` only that
+    block of the grid is resampled and returned."""
     import slicer
 
-    reference = oriented_image_from_mask(np.zeros((1, 1, 1), bool), ijk_to_ras)
-    reference.SetExtent(0, shape_kji[2] - 1, 0, shape_kji[1] - 1, 0, shape_kji[0] - 1)
-    resampled = slicer.vtkOrientedImageData()
+    extent_kji = extent_kji or full_extent(shape_kji)
+    block_shape = tuple(high - low + 1 for low, high in extent_kji)
     if image is None or image.IsEmpty():
-        return np.zeros(shape_kji, dtype=bool)
+        return np.zeros(block_shape, dtype=bool)
+    reference = slicer.vtkOrientedImageData()
+    (k0, k1), (j0, j1), (i0, i1) = extent_kji
+    reference.SetExtent(i0, i1, j0, j1, k0, k1)
+    reference.SetImageToWorldMatrix(numpy_to_matrix(ijk_to_ras))
+    resampled = slicer.vtkOrientedImageData()
     if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
         image, reference, resampled
     ):
         raise InputError("Could not resample the segment onto the source volume's grid.")
-    scalars = numpy_support.vtk_to_numpy(resampled.GetPointData().GetScalars()).reshape(shape_kji)
+    scalars = numpy_support.vtk_to_numpy(resampled.GetPointData().GetScalars()).reshape(block_shape)
     return scalars != 0 if label is None else scalars == label
+
+
+def add_volume_node(scene, volume: Volume, name: str | None = None):
+    """A new scalar volume node in ``scene`` holding ``volume`` (array, geometry, modality)."""
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name or volume.name or "volume")
+    image = vtk.vtkImageData()
+    nk, nj, ni = volume.shape
+    image.SetDimensions(ni, nj, nk)
+    array = np.ascontiguousarray(volume.array)
+    image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(array.ravel(), deep=True))
+    node.SetAndObserveImageData(image)
+    node.SetIJKToRASMatrix(numpy_to_matrix(volume.ijk_to_ras))
+    if volume.modality:
+        node.SetAttribute("DICOM.Modality", volume.modality)
+    return node
