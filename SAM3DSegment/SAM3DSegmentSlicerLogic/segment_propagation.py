@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 
 from SAM3DSegmentLib.engine import PropagationOptions, PropagationResult, Preview, Session
-from SAM3DSegmentLib.errors import PromptError
+from SAM3DSegmentLib.errors import InputError, PromptError
 from SAM3DSegmentLib.prompts import SlicePrompt
 from SAM3DSegmentLib.volume import AXIS_NAMES, Volume, get_slice, slice_index_tuple
 
@@ -56,7 +56,7 @@ class SegmentPropagation:
     ):
         self.volume: Volume = volume_from_node(volume_node)
         if segmentation_node is None:
-            raise PromptError("No segmentation is selected. Create or select a segmentation first.")
+            raise InputError("No segmentation is selected. Create or select a segmentation first.")
         self.volume_node = volume_node
         self.segmentation_node = segmentation_node
         self.session_factory = session_factory

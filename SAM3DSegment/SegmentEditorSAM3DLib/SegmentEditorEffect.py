@@ -361,8 +361,10 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         if self.propagation is not None and key == self._propagationKey:
             return
         self._resetPropagation()
+        factory = session_factory_for(settings)  # raises a clear error when the engine cannot run
+        self.engineLabel.text = getattr(factory, "reason", settings.engine)
         self.propagation = SegmentPropagation(
-            volumeNode, segmentationNode, session_factory_for(settings),
+            volumeNode, segmentationNode, factory,
             masking=lambda: masking_from_editor_node(self.scriptedEffect.parameterSetNode()),
             save_undo_state=self.scriptedEffect.saveStateForUndo,
         )
