@@ -20,7 +20,6 @@ from scipy import ndimage
 
 from SAM3DSegmentLib.engine import PropagationOptions
 from SAM3DSegmentLib.engines import open_weightfree_session
-from SAM3DSegmentLib.intensity import WindowSpec
 from SAM3DSegmentLib.prompts import Point, SlicePrompt
 from SAM3DSegmentLib.volume import Volume
 
