@@ -153,6 +153,15 @@ def test_module_cmake_lists_every_file_that_exists():
     assert "slicerMacroBuildScriptedModule" in text and "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in text
 
 
+def test_the_library_ships_with_the_module():
+    """Slicer imports SAM3DSegmentLib from the module's directory: CMake installs the package and its configs."""
+    text = (MODULE / "CMakeLists.txt").read_text()
+    assert "${LIBRARY_SOURCE_DIR}/SAM3DSegmentLib/*.py" in text and "SAM3DSegmentLib/configs/*.yaml" in text
+    assert (MODULE / ".." / "SAM3DSegmentLib" / "__init__.py").resolve().is_file()
+    assert any((ROOT / "SAM3DSegmentLib" / "configs").glob("*.yaml"))
+    assert "SOURCE_DIR ${LIBRARY_SOURCE_DIR}" in text and "NO_INSTALL_SUBDIR" in text
+
+
 def test_extension_cmake_and_index_description():
     text = (ROOT / "CMakeLists.txt").read_text()
     for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_DESCRIPTION", "EXTENSION_ICONURL",

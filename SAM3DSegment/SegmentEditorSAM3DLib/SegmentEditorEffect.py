@@ -207,6 +207,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         try:
             segmentId = self._selectedSegmentId()
             self._ensurePropagation()
+            previousAxis = self.propagation.axis
             prompt = makePrompt(self._viewAxis(viewWidget))
         except Exception as error:
             self._showError(error)
@@ -217,6 +218,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             lambda progress, cancelled: propagation.preview_in_session(segmentId, prompt),
             lambda preview: self._finishPreview(propagation, segmentId, preview),
         )
+        if previousAxis is not None and previousAxis != prompt.axis:
+            self.statusLabel.text = "Prompted in another view: propagation now follows this view; earlier prompts were dropped."
 
     def onUseSegmentAsPrompt(self):
         viewWidget = self._lastSliceWidget or slicer.app.layoutManager().sliceWidget("Red")
