@@ -344,6 +344,7 @@ class SAM3DSegmentLogic(ScriptedLoadableModuleLogic):
                 raise DependencyError("PyTorch was not installed. Press Install again to retry.")
         packages = dependencies.pip_requirements()
         if packages:
+            os.environ.setdefault("SAM2_BUILD_CUDA", "0")  # sam2's optional CUDA extension is not needed
             slicer.util.pip_install(packages)
 
 

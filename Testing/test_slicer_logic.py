@@ -593,3 +593,24 @@ def test_real_case_geometry_and_propagation_through_mrml(scene, shared_data, cas
     dice = 2 * (segment & kidney).sum() / (segment.sum() + kidney.sum())
     assert dice > 0.5, f"weight-free Dice {dice:.2f} on kidney_left"
     assert not read_segment(segmentation, other, in_slicer).any()
+
+
+def test_slices_edited_while_propagating_are_not_overwritten(case):
+    volume_node, segmentation, (tumour, *_), reference = case
+    logic, sessions, _ = _propagation(case)
+    volume = logic.volume
+    options = PropagationOptions(stop=StopRule(min_area=1, patience=1))
+    logic.add_prompt(tumour, logic.point_from_ras(volume.kji_to_ras((4, 7, 9)), True, axis=0))
+    edits = logic.edited_slices(tumour)  # main thread, before the worker runs
+    result = logic.propagate_in_session(tumour, edits, options)
+    painted = read_segment(segmentation, tumour, volume)
+    painted[7, 0:3, 0:3] = True  # the user paints slice 7 while the worker propagates
+    paint(segmentation, tumour, painted, volume)
+    report = logic.write_result(tumour, result)
+    after = read_segment(segmentation, tumour, volume)
+    assert report.kept_slices == [7] and np.array_equal(after[7], painted[7])
+    assert np.array_equal(np.delete(after, 7, axis=0), np.delete(reference, 7, axis=0))
+    assert list(logic.edited_slices(tumour).masks) == [7]  # an anchor at the next propagation
+    second, _ = logic.propagate(tumour, options)
+    assert 7 in logic.anchors(tumour) and np.array_equal(read_segment(segmentation, tumour, volume)[7], painted[7])
+    assert logic.edited_slices(tumour).masks == {}

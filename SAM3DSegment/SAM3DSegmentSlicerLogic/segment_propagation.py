@@ -190,8 +190,32 @@ class SegmentPropagation:
         return session.propagate(object_id, options, progress, cancel)
 
     def write_result(self, segment_id: str, result: PropagationResult) -> WriteReport:
-        """Main thread: write a finished propagation into the segment (an undo state first)."""
-        return self._write(segment_id, result.mask, None)
+        """Main thread: write a finished propagation into the segment (an undo state first).
+
+        Slices the user edited while the propagation ran are kept as the user left them (and
+        still count as edited, so they become anchors next time).
+        """
+        mask = result.mask
+        kept: dict[int, np.ndarray] = {}
+        edits = self.edited_slices(segment_id)
+        edited = {**edits.masks, **{i: None for i in edits.emptied}}
+        if edited and result.axis == self.axis:
+            current = read_segment(self.segmentation_node, segment_id, self.volume)
+            last = self._last_written[segment_id]
+            for index in edited:
+                if not np.array_equal(get_slice(current, self.axis, index), get_slice(mask, self.axis, index)):
+                    if mask is result.mask:
+                        mask = mask.copy()
+                    get_slice(mask, self.axis, index)[...] = get_slice(current, self.axis, index)
+                    kept[index] = get_slice(last, self.axis, index).copy()
+        report = self._write(segment_id, mask, None)
+        last = self._last_written[segment_id]
+        for index, previous in kept.items():
+            get_slice(last, self.axis, index)[...] = previous
+        if kept:
+            log.info("Kept slices edited during the propagation: %s", sorted(kept))
+        report.kept_slices = sorted(kept)
+        return report
 
     def propagate(
         self, segment_id: str, options: PropagationOptions | None = None, progress=None, cancel=None

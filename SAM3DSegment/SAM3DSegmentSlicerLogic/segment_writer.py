@@ -31,6 +31,7 @@ class WriteReport:
     ``changed_voxels`` of the selected segment inside ``extent_kji`` (None: nothing changed);
     ``overwritten``: voxels taken from other segments. ``examined_extent`` is the block that was
     read and compared, and ``examined_after`` the selected segment there after the write.
+    ``kept_slices``: slices the user edited during a propagation, left as they were.
     """
 
     changed_voxels: int
@@ -38,6 +39,7 @@ class WriteReport:
     overwritten: dict[str, int] = field(default_factory=dict)
     examined_extent: ExtentKJI | None = None
     examined_after: np.ndarray | None = field(default=None, repr=False)
+    kept_slices: list[int] = field(default_factory=list)
 
 
 def _segments_logic():
