@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "SAM3DSegment"))
 from SAM3DSegmentLib.engine import PropagationOptions, RunsOutput, Session, SliceMask, StopRule, StopTracker  # noqa: E402
 from SAM3DSegmentLib.errors import InputError, PromptError, PropagationCancelled  # noqa: E402
 from SAM3DSegmentLib.volume import get_slice, kji_to_slice  # noqa: E402
-from SAM3DSegmentSlicerLogic.markers import clear_prompt_markers, show_prompt_markers  # noqa: E402
+from SAM3DSegmentSlicerLogic.markers import clear_prompt_boxes, clear_prompt_markers, show_prompt_boxes, show_prompt_markers  # noqa: E402
 from SAM3DSegmentSlicerLogic.masking import MASK_MODES, MaskingSettings, masking_from_editor_node  # noqa: E402
 from SAM3DSegmentSlicerLogic.messages import user_message  # noqa: E402
 from SAM3DSegmentSlicerLogic.segment_propagation import SegmentPropagation  # noqa: E402
@@ -539,6 +539,18 @@ def test_prompt_markers_are_shown_and_cleared(case):
     assert np.allclose(position, ras) and markups.GetNthControlPointLabel(1) == "-"
     clear_prompt_markers(markups)
     assert markups.GetNumberOfControlPoints() == 0
+    scene = volume_node.GetScene()
+    corner0, corner1 = logic.volume.kji_to_ras((3, 4, 5)), logic.volume.kji_to_ras((3, 10, 14))
+    logic.add_prompt(tumour, logic.box_from_ras(corner0, corner1, axis=0))
+    boxes = show_prompt_boxes(scene, logic.volume, logic.anchors(tumour))
+    assert len(boxes) == 1 and boxes[0].GetNumberOfControlPoints() == 4
+    boxes[0].GetNthControlPointPosition(0, position)
+    assert np.allclose(position, corner0)
+    boxes[0].GetNthControlPointPosition(2, position)
+    assert np.allclose(position, corner1)
+    assert len(show_prompt_boxes(scene, logic.volume, logic.anchors(tumour))) == 1  # replaced, not added
+    clear_prompt_boxes(scene)
+    assert scene.GetNodesByClass("vtkMRMLMarkupsClosedCurveNode").GetNumberOfItems() == 0
 
 
 def test_error_messages_give_advice():

@@ -28,3 +28,49 @@ def show_prompt_markers(markups_node, volume: Volume, anchors: dict[int, SlicePr
 def clear_prompt_markers(markups_node) -> None:
     if markups_node is not None:
         markups_node.RemoveAllControlPoints()
+
+
+BOX_ATTRIBUTE = "SAM3D.PromptBox"
+
+
+def box_corners_ras(volume: Volume, prompt: SlicePrompt):
+    """RAS of the four corners of a prompt's box (in order around it), or None without a box."""
+    from SAM3DSegmentLib.volume import slice_to_kji
+
+    if prompt.box is None:
+        return None
+    b = prompt.box.normalised()
+    corners = ((b.row0, b.col0), (b.row0, b.col1), (b.row1, b.col1), (b.row1, b.col0))
+    return [volume.kji_to_ras(slice_to_kji(prompt.axis, prompt.index, row, col)) for row, col in corners]
+
+
+def show_prompt_boxes(scene, volume: Volume, anchors: dict[int, SlicePrompt]) -> list:
+    """One linear closed curve per box prompt (earlier box markers are removed); returns the nodes."""
+    clear_prompt_boxes(scene)
+    nodes = []
+    for index in sorted(anchors):
+        corners = box_corners_ras(volume, anchors[index])
+        if corners is None:
+            continue
+        node = scene.AddNewNodeByClass("vtkMRMLMarkupsClosedCurveNode", f"SAM 3D box (slice {index})")
+        node.SetAttribute(BOX_ATTRIBUTE, "1")
+        node.SetSaveWithScene(False)
+        node.SetCurveTypeToLinear()
+        for corner in corners:
+            node.AddControlPoint(*[float(c) for c in corner])
+        node.SetLocked(True)
+        nodes.append(node)
+    return nodes
+
+
+def clear_prompt_boxes(scene) -> None:
+    for node in list(_nodes_with_attribute(scene, BOX_ATTRIBUTE)):
+        scene.RemoveNode(node)
+
+
+def _nodes_with_attribute(scene, attribute: str):
+    collection = scene.GetNodesByClass("vtkMRMLMarkupsClosedCurveNode")
+    for position in range(collection.GetNumberOfItems()):
+        node = collection.GetItemAsObject(position)
+        if node.GetAttribute(attribute):
+            yield node

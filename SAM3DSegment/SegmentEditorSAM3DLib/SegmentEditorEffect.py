@@ -428,12 +428,15 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         return node
 
     def updateMarkers(self):
-        from SAM3DSegmentSlicerLogic.markers import clear_prompt_markers, show_prompt_markers
+        """Show the selected segment's clicks (+/-) and boxes, or clear them."""
+        from SAM3DSegmentSlicerLogic.markers import (
+            clear_prompt_boxes, clear_prompt_markers, show_prompt_boxes, show_prompt_markers,
+        )
 
         show = self.scriptedEffect.integerParameter("ShowPromptMarkers") != 0
         if self.propagation is None or not show:
-            markups = self._markupsNode(create=False)
-            clear_prompt_markers(markups)
+            clear_prompt_markers(self._markupsNode(create=False))
+            clear_prompt_boxes(slicer.mrmlScene)
             return
         markups = self._markupsNode()
         try:
@@ -441,6 +444,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         except Exception:
             anchors = {}
         show_prompt_markers(markups, self.propagation.volume, anchors)
+        show_prompt_boxes(slicer.mrmlScene, self.propagation.volume, anchors)
         markups.GetDisplayNode().SetVisibility(True)
 
     def _updateRubberBand(self, viewWidget, xy0, xy1):
