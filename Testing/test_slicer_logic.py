@@ -342,6 +342,10 @@ def test_missing_segment_and_segmentation_are_clear_errors(case):
         write_segment(segmentation, "nonexistent", reference, volume)
     with pytest.raises(InputError, match="No segmentation"):
         read_segment(None, "x", volume)
+    with pytest.raises(InputError, match="No segmentation"):
+        SegmentPropagation(volume_node, None, lambda volume, axis: None)
+    with pytest.raises(InputError, match="No source volume"):
+        SegmentPropagation(None, segmentation, lambda volume, axis: None)
 
 
 # --- prompts, propagation, cancel, re-propagation ------------------------------------------------

@@ -139,9 +139,12 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         for viewWidget in list(self._rubberBands):
             self._removeRubberBand(viewWidget)
         self._boxStart = None
+        from SAM3DSegmentSlicerLogic.markers import clear_prompt_boxes
+
         markups = self._markupsNode(create=False)
         if markups is not None and markups.GetDisplayNode() is not None:
             markups.GetDisplayNode().SetVisibility(False)
+        clear_prompt_boxes(slicer.mrmlScene)  # redrawn on activate
 
     def sourceVolumeNodeChanged(self):
         self._resetPropagation()
