@@ -38,7 +38,7 @@ from .intensity import WindowSpec
 from .prompts import SlicePrompt, box_xyxy, points_xy
 from .registry import ModelSpec
 from .sam2_frames import Sam2Frames
-from .volume import Volume
+from .volume import Volume, get_slice
 
 log = logging.getLogger(__name__)
 
@@ -92,11 +92,14 @@ class Sam2Session(Session):
         device=None,
         cache_budget_bytes: int = DEFAULT_CACHE_BUDGET_BYTES,
         fill_hole_area: int | None = None,
+        offload_features_to_cpu: bool = False,
     ):
         """``model`` is a sam2 ``SAM2Base`` (ideally built as a video predictor, e.g.
         ``model_loading.build_model(spec, path, video=True)``); it is moved to ``device``
         (None / "auto": CUDA, then MPS, then CPU). ``fill_hole_area`` defaults to the model's own
-        setting (8 px for the official video predictor; it needs sam2's compiled extension)."""
+        setting (8 px for the official video predictor; it needs sam2's compiled extension).
+        ``offload_features_to_cpu`` keeps cached image features in CPU memory (GPU memory saved,
+        a copy per use paid)."""
         super().__init__(volume, axis)
         _check_model(model, spec)
         import torch
@@ -106,6 +109,7 @@ class Sam2Session(Session):
         self.spec = spec
         self.frames = Sam2Frames(volume, axis, spec, window)
         self.cache = FeatureCache(cache_budget_bytes)
+        self.offload_features_to_cpu = offload_features_to_cpu
         self.fill_hole_area = int(getattr(model, "fill_hole_area", 0) if fill_hole_area is None else fill_hole_area)
         self._slices_encoded = 0
         self._pos_enc: list | None = None  # identical for every frame of one size: held once
@@ -140,8 +144,21 @@ class Sam2Session(Session):
     # --- Session interface --------------------------------------------------------------------
 
     def _predict_anchor(self, object_id: int, prompt: SlicePrompt) -> SliceMask:
-        """Decoder only on an encoded slice, without memory (SAM 2's initial conditioning frame)."""
+        """Decoder only on an encoded slice, without memory (SAM 2's initial conditioning frame).
+
+        Clicks on a slice that already has a propagated result refine that result (it goes to
+        the decoder as the mask input), as clicks on a tracked frame do in SAM 2's demo.
+        """
         previous = self._anchor_outputs.get((object_id, prompt.index))
+        state = self._objects.get(object_id)
+        if previous is None and prompt.mask is None and state is not None and state.mask is not None:
+            current = get_slice(state.mask, self.axis, prompt.index)
+            if current.any():
+                prompt_for_model = SlicePrompt(prompt.axis, prompt.index, prompt.points, prompt.box, current.copy())
+                with self._model_context():
+                    out = self._decode_prompt(prompt_for_model, None)
+                self._anchor_outputs[(object_id, prompt.index)] = _AnchorOutput(prompt, out)
+                return self._slice_result(out)
         with self._model_context():
             out = self._decode_prompt(prompt, previous)
         self._anchor_outputs[(object_id, prompt.index)] = _AnchorOutput(prompt, out)
@@ -318,7 +335,8 @@ class Sam2Session(Session):
 
     def _features(self, index: int):
         """(vision_feats, vision_pos_embeds, feat_sizes) of slice ``index``, encoding it if needed."""
-        backbone_out = {"backbone_fpn": list(self._backbone_fpn(index)), "vision_pos_enc": list(self._pos_enc)}
+        fpn = [f.to(self.device) for f in self._backbone_fpn(index)]
+        backbone_out = {"backbone_fpn": fpn, "vision_pos_enc": list(self._pos_enc)}
         _, feats, pos, sizes = self.model._prepare_backbone_features(backbone_out)
         return feats, pos, sizes
 
@@ -332,6 +350,8 @@ class Sam2Session(Session):
             if self._pos_enc is None:
                 self._pos_enc = backbone_out["vision_pos_enc"]
             fpn = backbone_out["backbone_fpn"]
+            if self.offload_features_to_cpu:
+                fpn = [f.to("cpu") for f in fpn]
             self.cache.put(index, fpn)
         return fpn
 
@@ -356,9 +376,10 @@ class Sam2Session(Session):
         return ModelOutOfMemoryError(
             f"The {self.device.type.upper()} device ran out of memory running {self.spec.name} "
             f"({type(exc).__name__}). The feature cache holds {used:.0f} MB of a "
-            f"{self.cache.budget_bytes / 1024**2:.0f} MB budget. Try a smaller cache budget, running on "
-            "the CPU (device 'cpu', slower but with the computer's memory), a smaller model "
-            "(e.g. sam2.1_hiera_tiny or medsam2), or a slice range around the object."
+            f"{self.cache.budget_bytes / 1024**2:.0f} MB budget. Try a smaller cache budget, keeping "
+            "features in CPU memory (offload_features_to_cpu), running on the CPU (device 'cpu', "
+            "slower but with the computer's memory), a smaller model (e.g. sam2.1_hiera_tiny or "
+            "medsam2), or a slice range around the object."
         )
 
 

@@ -177,6 +177,17 @@ def test_correction_recomputes_only_touching_runs_without_reencoding(model, spec
     assert np.array_equal(fresh.propagate(1, NO_STOP).mask, second.mask)
 
 
+def test_clicks_on_a_propagated_slice_refine_its_result(session):
+    session.add_prompt(1, SlicePrompt(0, 3, points=(Point(22.0, 30.0),)))
+    propagated = session.propagate(1, NO_STOP).mask[5].copy()
+    click = Point(40.0, 58.0)
+    refined = session.add_prompt(1, SlicePrompt(0, 5, points=(click,)))
+    with session._model_context():
+        explicit = session._decode_prompt(SlicePrompt(0, 5, points=(click,), mask=propagated), None)
+    assert np.array_equal(refined.mask, session._slice_result(explicit).mask)
+    assert session.slices_encoded_total == N_SLICES  # decoder only
+
+
 def test_stop_rule_range_and_progress(session):
     session.add_prompt(1, SlicePrompt(0, 3, points=(Point(22.0, 30.0),)))
     never_sure = PropagationOptions(stop=StopRule(min_area=0, min_score=0.999, patience=2))
@@ -187,6 +198,24 @@ def test_stop_rule_range_and_progress(session):
     ticks = []
     ranged = session.propagate(1, replace(NO_STOP, slice_range=(2, 4)), progress=lambda d, t, i: ticks.append(i))
     assert ranged.slices_computed == [2, 4] and ticks == [2, 4, -1]
+
+
+def test_feature_cache_holds_its_budget(model, spec, frames):
+    volume = Volume(frames[1].astype(np.float32))
+    probe = Sam2Session(volume, 0, model, spec, window=IDENTITY_WINDOW, device="cpu")
+    probe.encode_slice(0)
+    per_slice = probe.cache.used_bytes
+    session = Sam2Session(volume, 0, model, spec, window=IDENTITY_WINDOW, device="cpu",
+                          cache_budget_bytes=2 * per_slice, offload_features_to_cpu=True)
+    session.add_prompt(1, SlicePrompt(0, 0, points=(Point(22.0, 30.0),)))
+    session.propagate(1, replace(NO_STOP, slice_range=(0, 3)))
+    stats = session.cache_stats()
+    assert stats.entries == 2 and stats.used_bytes <= stats.budget_bytes and stats.evictions == 2
+    session.set_slice_mask(1, 1, np.ones((HEIGHT, WIDTH), bool))
+    # Only slices 2 and 3 are still cached; the rerun needs 1, 2, 3 in that order, and each encode
+    # pushes out the least recently used slice, so all three are encoded again.
+    assert session.propagate(1, replace(NO_STOP, slice_range=(0, 3))).slices_encoded == 3
+    assert session.cache_stats().used_bytes <= 2 * per_slice
 
 
 def test_cancel_leaves_things_as_they_were(session):
