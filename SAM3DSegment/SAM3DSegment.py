@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 
+import ctk
 import qt
 import slicer
 from slicer.ScriptedLoadableModule import (
@@ -104,7 +105,7 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for name, description in self.logic.modelChoices():
             self.ui.modelComboBox.addItem(name, name)
             self.ui.modelComboBox.setItemData(self.ui.modelComboBox.count - 1, description, qt.Qt.ToolTipRole)
-        self.ui.checkpointPathLineEdit.filters = self.ui.checkpointPathLineEdit.Files
+        self.ui.checkpointPathLineEdit.filters = ctk.ctkPathLineEdit.Files | ctk.ctkPathLineEdit.Readable
         self.ui.checkpointPathLineEdit.nameFilters = ["Checkpoints (*.pt *.pth)", "All files (*)"]
         self.ui.downloadProgressBar.setVisible(False)
 
