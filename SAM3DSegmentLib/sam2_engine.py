@@ -24,7 +24,7 @@ import contextlib
 import functools
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -150,19 +150,22 @@ class Sam2Session(Session):
         the decoder as the mask input), as clicks on a tracked frame do in SAM 2's demo.
         """
         previous = self._anchor_outputs.get((object_id, prompt.index))
-        state = self._objects.get(object_id)
-        if previous is None and prompt.mask is None and state is not None and state.mask is not None:
-            current = get_slice(state.mask, self.axis, prompt.index)
-            if current.any():
-                prompt_for_model = SlicePrompt(prompt.axis, prompt.index, prompt.points, prompt.box, current.copy())
-                with self._model_context():
-                    out = self._decode_prompt(prompt_for_model, None)
-                self._anchor_outputs[(object_id, prompt.index)] = _AnchorOutput(prompt, out)
-                return self._slice_result(out)
+        model_prompt = prompt
+        current = self._current_slice_mask(object_id, prompt.index)
+        if previous is None and prompt.mask is None and current is not None:
+            model_prompt = replace(prompt, mask=current)
         with self._model_context():
-            out = self._decode_prompt(prompt, previous)
+            out = self._decode_prompt(model_prompt, previous)
         self._anchor_outputs[(object_id, prompt.index)] = _AnchorOutput(prompt, out)
         return self._slice_result(out)
+
+    def _current_slice_mask(self, object_id: int, index: int) -> np.ndarray | None:
+        """The object's propagated mask on slice ``index``, if it has a non-empty one."""
+        state = self._objects.get(object_id)
+        if state is None or state.mask is None:
+            return None
+        current = get_slice(state.mask, self.axis, index)
+        return current.copy() if current.any() else None
 
     def _propagate_runs(
         self,
@@ -387,7 +390,9 @@ def _check_model(model, spec: ModelSpec) -> None:
     try:
         from sam2.modeling.sam2_base import SAM2Base
     except ImportError as exc:
-        raise DependencyError("The sam2 package is needed for SAM 2 / MedSAM2: SAM2_BUILD_CUDA=0 pip install sam2") from exc
+        raise DependencyError(
+            "The sam2 package is needed for SAM 2 / MedSAM2: SAM2_BUILD_CUDA=0 pip install sam2"
+        ) from exc
     if spec.family != "sam2":
         raise CheckpointError(
             f"Model '{spec.name}' is a {spec.family} model; the SAM 2 engine needs a SAM 2 model "

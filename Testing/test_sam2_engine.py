@@ -242,3 +242,26 @@ def test_clear_errors(model, spec, session):
     with pytest.raises(ModelOutOfMemoryError, match="smaller cache budget"):
         with session._model_context():
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def test_medsam2_checkpoint_through_the_registry_path(tmp_path, frames):
+    """MedSAM2's config (ours, 512 px; here overridden to 256 px for speed), saved in the official
+    checkpoint format and loaded back through model_loading, runs in the engine unchanged."""
+    from SAM3DSegmentLib.model_loading import build_model
+
+    small = ["++model.image_size=256"]
+    medsam2 = replace(get_spec("medsam2"), input_size=IMAGE_SIZE)
+    torch.manual_seed(1)
+    original = build_model(medsam2, None, device="cpu", video=True, overrides=small)
+    path = tmp_path / "medsam2_random.pt"
+    torch.save({"model": original.state_dict()}, path)
+    loaded = build_model(medsam2, path, device="cpu", video=True, overrides=small)
+    volume = Volume(frames[1].astype(np.float32))
+    prompt = SlicePrompt(0, 2, points=(Point(22.0, 30.0),))
+    previews = []
+    for model in (original, loaded):
+        session = Sam2Session(volume, 0, model, medsam2, window=IDENTITY_WINDOW, device="cpu")
+        previews.append(session.add_prompt(1, prompt).mask)
+        result = session.propagate(1, replace(NO_STOP, slice_range=(1, 3)))
+        assert result.slices_computed == [1, 3] and result.mask[1:4].any()
+    assert np.array_equal(previews[0], previews[1])
