@@ -50,6 +50,7 @@ class EvaluationConfig:
     device: str | None = None
     prompt: str = "click"
     box_jitter: float = 0.0
+    corrections: str = "click"  # or "click+mask": a click on a new slice refines its current mask
     rounds: int = 0
     seed: int = 0
     axis: int = 0
@@ -114,7 +115,8 @@ def evaluate_target(
     if not reference.any():
         raise InputError(f"Target {target} is empty in case {case.name}.")
     axis, spacing = config.axis, volume.spacing_kji
-    user = SimulatedUser(config.prompt, config.box_jitter, user_seed(config.seed, case.name, target))
+    user = SimulatedUser(config.prompt, config.box_jitter, user_seed(config.seed, case.name, target),
+                         config.corrections)
     session = session_factory(config, volume, reference)
     rows: list[EvaluationRow] = []
     try:
@@ -249,7 +251,7 @@ def summarise(rows: list[EvaluationRow], config: EvaluationConfig) -> str:
     return (
         f"# Evaluation: engine {config.engine}" + (f", model {config.model}" if config.model else "") + "\n\n"
         f"Simulated user: {config.prompt}" + (f" (jitter {config.box_jitter})" if config.prompt == "box" else "")
-        + f", {config.rounds} correction round(s), seed {config.seed}, axis {config.axis}.\n"
+        + f", {config.rounds} correction round(s) ({config.corrections}), seed {config.seed}, axis {config.axis}.\n"
         f"Metrics on the whole volume: Dice, NSD at {tolerance:g} mm, HD95 in mm; cells are "
         "mean ± std (median). An empty prediction scores Dice 0, NSD 0 and HD95 = the volume diagonal; "
         f"{empty} target(s) ended empty.\n\n"

@@ -10,7 +10,9 @@ Fixed by a seed (only the box jitter is random):
   anchor is present), a click at the interior-most pixel of the largest 2D error region: include
   for a false negative, exclude for a false positive. A negative click alone is not a valid
   prompt, so on a slice that is not yet an anchor an exclude click comes with an include click at
-  the interior-most pixel of the reference on that slice (two clicks are counted).
+  the interior-most pixel of the reference on that slice (two clicks are counted). With
+  ``corrections="click+mask"`` a click on a slice that is not an anchor instead carries the
+  slice's current mask as the prompt's mask input (the user refines what is there; one click).
 
 False positives on slices where the reference is empty are left to the stop rule: a click
 cannot tell an engine that a slice must be empty.
@@ -75,9 +77,14 @@ def bounding_box(mask: np.ndarray) -> Box:
 class SimulatedUser:
     """Prompts derived from a reference mask; the same seed gives the same prompts."""
 
-    def __init__(self, prompt: PromptKind = "click", box_jitter: float = 0.0, seed: int = 0):
+    def __init__(
+        self, prompt: PromptKind = "click", box_jitter: float = 0.0, seed: int = 0, corrections: str = "click"
+    ):
         if prompt not in ("click", "box"):
             raise InputError(f"Simulated prompt must be 'click' or 'box'; got {prompt!r}.")
+        if corrections not in ("click", "click+mask"):
+            raise InputError(f"Corrections must be 'click' or 'click+mask'; got {corrections!r}.")
+        self.corrections = corrections
         if not 0.0 <= box_jitter < 0.5:
             raise InputError(f"Box jitter is a fraction of the box size in [0, 0.5); got {box_jitter}.")
         self.prompt_kind = prompt
@@ -144,7 +151,11 @@ class SimulatedUser:
         size, is_missing, region = best
         row, col = interior_point(region, spacing_rc)
         points = [Point(row, col, is_missing)]
-        if not is_missing and index not in set(anchors):
+        new_anchor = index not in set(anchors)
+        if new_anchor and self.corrections == "click+mask" and pred.any():
+            return Correction(SlicePrompt(axis, index, points=tuple(points), mask=pred.copy()),
+                              "false_negative" if is_missing else "false_positive", size, 1)
+        if not is_missing and new_anchor:
             r, c = interior_point(ref, spacing_rc)
             points.insert(0, Point(r, c, True))
         return Correction(

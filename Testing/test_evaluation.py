@@ -74,9 +74,13 @@ def test_corrections_click_the_largest_error_on_the_worst_slice():
     assert fix.kind == "false_positive" and fix.prompt.index in range(3, 8)
     negative = [p for p in fix.prompt.points if not p.positive]
     assert len(negative) == 1 and distractor[fix.prompt.index, negative[0].row, negative[0].col]
-    if fix.prompt.index != 7:  # a new anchor needs an include click too
-        assert fix.clicks == 2 and fix.prompt.points[0].positive
+    assert fix.prompt.index == 3  # equal errors on 3..7: the first
+    assert fix.clicks == 2 and fix.prompt.points[0].positive  # a new anchor needs an include click too
     assert user.correction(reference, reference, 0) is None
+    refining = SimulatedUser("click", corrections="click+mask").correction(flooded, reference, 0, anchors=[7])
+    assert refining.prompt.index == 3 and refining.clicks == 1  # one exclude click refining the mask
+    assert np.array_equal(refining.prompt.mask, flooded[3]) and not refining.prompt.points[0].positive
+    refining.prompt.validate(reference.shape)
 
 
 # --- oracle -----------------------------------------------------------------------------------

@@ -29,6 +29,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--box-jitter", type=float, default=0.0,
                         help="move each box side by up to this fraction of the box size (seeded)")
     parser.add_argument("--rounds", type=int, default=0, help="correction clicks after the first propagation")
+    parser.add_argument("--corrections", choices=("click", "click+mask"), default="click",
+                        help="click+mask: a correction on a slice that is not an anchor carries its current mask")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--axis", type=int, default=0, choices=(0, 1, 2), help="propagation axis (array k, j, i)")
     parser.add_argument("--nsd-tolerance", type=float, default=2.0, help="NSD tolerance in mm (default 2)")
@@ -63,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
     engine_options = {"projection": args.projection} if args.projection else {}
     config = EvaluationConfig(
         engine=args.engine, model=args.model, checkpoint=args.checkpoint, device=args.device,
-        prompt=args.prompt, box_jitter=args.box_jitter, rounds=args.rounds, seed=args.seed,
+        prompt=args.prompt, box_jitter=args.box_jitter, corrections=args.corrections, rounds=args.rounds,
+        seed=args.seed,
         axis=args.axis, nsd_tolerance_mm=args.nsd_tolerance,
         propagation=PropagationOptions(stop=StopRule(**stop)), engine_options=engine_options,
     )
