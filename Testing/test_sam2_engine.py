@@ -145,6 +145,18 @@ def test_parity_with_official_video_predictor_box_and_mask(model, session, offic
     _assert_same(official, ours)
 
 
+def test_any_axis_gives_the_same_slices(model, spec, frames, session):
+    """Slices along axis 2 of the transposed volume are the axis-0 slices: same masks."""
+    transposed = Volume(np.ascontiguousarray(frames[1].transpose(1, 2, 0)).astype(np.float32))
+    along_i = Sam2Session(transposed, 2, model, spec, window=IDENTITY_WINDOW, device="cpu")
+    ranged = replace(NO_STOP, slice_range=(2, 4))
+    masks = []
+    for s, axis in ((session, 0), (along_i, 2)):
+        s.add_prompt(1, SlicePrompt(axis, 3, points=(Point(22.0, 30.0),), box=Box(10.0, 12.0, 36.0, 50.0)))
+        masks.append(s.propagate(1, ranged).mask)
+    assert np.array_equal(masks[0], masks[1].transpose(2, 0, 1)) and masks[0][2:5].any()
+
+
 def test_lazy_encoding_preview_and_shared_features(session):
     assert session.slices_encoded_total == 0  # opening a session encodes nothing
     first = session.add_prompt(1, SlicePrompt(0, 3, points=(Point(22.0, 30.0),)))
