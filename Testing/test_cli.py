@@ -146,3 +146,20 @@ def test_negative_ras_coordinates_parse_as_values():
         ["segment", "image.nrrd", "--ras", "--point", "-12.5,30,-4", "--negative", "-1,-2,-3", "--out", "o.nii.gz"]
     )
     assert args.point == ["-12.5,30,-4"] and args.negative == ["-1,-2,-3"]
+
+
+def test_component_picks_one_volume_of_a_4d_image(sample_file, tmp_path, capsys):
+    import SimpleITK as sitk
+
+    path, sample = sample_file
+    volume = read_volume(path)
+    volumes = [sitk.GetImageFromArray(a.astype(np.float32)) for a in (np.zeros_like(volume.array), volume.array)]
+    image = sitk.JoinSeries(volumes)  # 4D: volume 1 holds the image
+    four_d = tmp_path / "two_volumes.nii.gz"
+    sitk.WriteImage(image, str(four_d))
+    click = ["--point", ijk_text(sample.click_kji), "--no-progress"]
+    assert main(["segment", str(four_d), *click, "--out", str(tmp_path / "a.nii.gz")]) == 2
+    assert "--component N" in capsys.readouterr().err
+    assert main(["segment", str(four_d), *click, "--component", "1", "--out", str(tmp_path / "b.nii.gz")]) == 0
+    mask = read_label_map(tmp_path / "b.nii.gz", read_volume(four_d, component=1)) > 0
+    assert dice(mask, sample.truth) > 0.8

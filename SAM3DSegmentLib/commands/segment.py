@@ -48,8 +48,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--direction", default="both", choices=("both", "forward", "backward"),
                         help="forward = increasing slice index")
     parser.add_argument("--slice-range", metavar="FIRST,LAST", help="inclusive slice range to fill")
-    parser.add_argument("--component", default="prompted", choices=("prompted", "largest", "none"),
+    parser.add_argument("--keep", default="prompted", choices=("prompted", "largest", "none"),
                         help="keep the 3D component touching the prompt (default), the largest, or all")
+    parser.add_argument("--component", type=int, metavar="N",
+                        help="for a 4D or multi-component image: which volume / component to segment")
     parser.add_argument("--name", default="Segment_1", help="segment name in a .seg.nrrd")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     accept_negative_coordinates(parser)
@@ -220,7 +222,7 @@ def run(args) -> int:
     if not args.out.lower().endswith(SEGMENTATION_SUFFIXES):
         raise InputError(f"--out {args.out}: use a name ending in {', '.join(SEGMENTATION_SUFFIXES)}.")
     choice = choose_engine(args.engine, args.model, args.checkpoint)
-    volume = io.read_volume(args.image)
+    volume = io.read_volume(args.image, component=args.component)
     labels = io.read_label_map(args.mask, volume) if args.mask else None
     prompt = build_prompt(volume, axis, args.point, args.negative, args.box, args.ras, labels)
     prompt.validate(volume.shape)
@@ -229,7 +231,7 @@ def run(args) -> int:
     session = open_session(choice, volume, axis, device=args.device, window=window)
     try:
         progress = None if args.no_progress else ProgressBar()
-        result = propagate(session, prompt, args.direction, slice_range, args.component, progress)
+        result = propagate(session, prompt, args.direction, slice_range, args.keep, progress)
     finally:
         session.close()
     path = write_output(result.mask, volume, args.out, args.name)
