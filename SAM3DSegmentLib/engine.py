@@ -171,6 +171,7 @@ class Session(ABC):
     """One volume, prompts along one axis, any number of objects."""
 
     engine_name = "engine"
+    refines_propagated_slices = True
 
     def __init__(self, volume: Volume, axis: int = 0):
         if axis not in (0, 1, 2):
@@ -218,7 +219,12 @@ class Session(ABC):
 
     def add_prompt(self, object_id: int, prompt: SlicePrompt, replace_existing: bool = False) -> Preview:
         """Add clicks / a box / a mask on one slice (merged with earlier input on that slice
-        unless ``replace_existing``) and return the 2D preview of that slice."""
+        unless ``replace_existing``) and return the 2D preview of that slice.
+
+        On a slice that propagation already filled, the slice's current mask goes with the new
+        clicks, so an include or exclude click corrects that result instead of starting over
+        (engines with ``refines_propagated_slices = False`` start over from include clicks).
+        """
         if prompt.axis != self.axis:
             raise PromptError(
                 f"This session propagates along axis {self.axis}; the prompt is on axis {prompt.axis}. "
@@ -226,6 +232,11 @@ class Session(ABC):
             )
         state = self._objects.setdefault(object_id, _ObjectState())
         previous = state.anchors.get(prompt.index)
+        refine = self.refines_propagated_slices or not prompt.has_positive_input
+        if refine and previous is None and prompt.mask is None and state.mask is not None:
+            current = get_slice(state.mask, self.axis, prompt.index)
+            if current.any():  # clicks on a propagated slice refine its result, as in SAM's demos
+                prompt = replace(prompt, mask=current.copy())
         combined = prompt if previous is None or replace_existing else previous.merged(prompt)
         combined.validate(self.volume.shape)
         started = time.perf_counter()

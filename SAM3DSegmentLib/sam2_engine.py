@@ -24,7 +24,7 @@ import contextlib
 import functools
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -38,7 +38,7 @@ from .intensity import WindowSpec
 from .prompts import SlicePrompt, box_xyxy, points_xy
 from .registry import ModelSpec
 from .sam2_frames import Sam2Frames
-from .volume import Volume, get_slice
+from .volume import Volume
 
 log = logging.getLogger(__name__)
 
@@ -146,26 +146,14 @@ class Sam2Session(Session):
     def _predict_anchor(self, object_id: int, prompt: SlicePrompt) -> SliceMask:
         """Decoder only on an encoded slice, without memory (SAM 2's initial conditioning frame).
 
-        Clicks on a slice that already has a propagated result refine that result (it goes to
-        the decoder as the mask input), as clicks on a tracked frame do in SAM 2's demo.
+        A prompt with a mask and clicks (e.g. clicks on a propagated slice, see
+        ``Session.add_prompt``) decodes the mask first and refines it with the clicks.
         """
         previous = self._anchor_outputs.get((object_id, prompt.index))
-        model_prompt = prompt
-        current = self._current_slice_mask(object_id, prompt.index)
-        if previous is None and prompt.mask is None and current is not None:
-            model_prompt = replace(prompt, mask=current)
         with self._model_context():
-            out = self._decode_prompt(model_prompt, previous)
+            out = self._decode_prompt(prompt, previous)
         self._anchor_outputs[(object_id, prompt.index)] = _AnchorOutput(prompt, out)
         return self._slice_result(out)
-
-    def _current_slice_mask(self, object_id: int, index: int) -> np.ndarray | None:
-        """The object's propagated mask on slice ``index``, if it has a non-empty one."""
-        state = self._objects.get(object_id)
-        if state is None or state.mask is None:
-            return None
-        current = get_slice(state.mask, self.axis, index)
-        return current.copy() if current.any() else None
 
     def _propagate_runs(
         self,

@@ -259,12 +259,13 @@ class RandomWalkerPredictor:
         background |= ndimage.binary_erosion(unlike, iterations=2, border_value=1)
 
         clicked = np.zeros(shape, dtype=bool)
+        excluded = np.zeros(shape, dtype=bool)
         for p in prompt.points:
             disk = self._disk(shape, p.row, p.col, o.click_radius_mm)
             if p.positive:
                 clicked |= disk
             else:
-                background |= disk
+                excluded |= disk
         if prompt.box is not None:
             b = prompt.box.normalised()
             outside = np.ones(shape, dtype=bool)
@@ -279,9 +280,14 @@ class RandomWalkerPredictor:
             radius_mm = np.sqrt(mask_prompt.sum() * np.prod(self.pixel_mm) / np.pi)
             ring_mm = max(o.mask_ring_mm, o.mask_ring_fraction * radius_mm)
             outside_distance = ndimage.distance_transform_edt(~mask_prompt, sampling=self.pixel_mm)
-            background |= outside_distance > ring_mm
-        foreground |= clicked  # the user's clicks win over every automatic rule
-        background &= ~foreground
+            ring = outside_distance > ring_mm
+            for p in prompt.points:  # an include click beyond the mask may grow it there
+                if p.positive:
+                    ring &= ~self._disk(shape, p.row, p.col, ring_mm)
+            background |= ring
+        # the user's clicks win over every automatic rule
+        foreground = (foreground | clicked) & ~excluded
+        background = (background | excluded) & ~foreground
 
         seeds = np.zeros(shape, dtype=np.int32)
         seeds[background] = BACKGROUND

@@ -145,3 +145,17 @@ def test_feature_cache_holds_its_budget():
         cache.put(key, np.zeros(100))  # 800 bytes each
     assert len(cache) == 3 and cache.used_bytes <= cache.budget_bytes
     assert cache.get(0) is None and cache.get(4) is not None
+
+
+def test_clicks_on_a_propagated_slice_carry_its_current_mask():
+    volume, reference = _sphere_case()
+    session = ReferenceMaskSession(volume, reference)
+    session.add_prompt(1, SlicePrompt(0, 15, points=(Point(10, 10),)))
+    session.propagate(1)
+    # an exclude click alone is a valid correction on a propagated slice: it refines that mask
+    session.add_prompt(1, SlicePrompt(0, 12, points=(Point(6, 6, positive=False),)))
+    anchor = session.anchors(1)[12]
+    assert anchor.mask is not None and np.array_equal(anchor.mask, reference[12])
+    # on a slice without a result a lone exclude click is still refused
+    with pytest.raises(PromptError, match="no positive"):
+        session.add_prompt(1, SlicePrompt(0, 2, points=(Point(6, 6, positive=False),)))
