@@ -5,10 +5,12 @@ import pytest
 
 from SAM3DSegmentLib.anchors import Run, plan_runs
 from SAM3DSegmentLib.cache import FeatureCache
-from SAM3DSegmentLib.engine import PropagationOptions, Session, SliceMask, RunsOutput, StopRule, StopTracker
+from SAM3DSegmentLib.engine import PropagationOptions, StopRule, StopTracker
 from SAM3DSegmentLib.errors import PromptError, PropagationCancelled
 from SAM3DSegmentLib.prompts import Box, Point, SlicePrompt, box_xyxy, points_xy, prompt_from_voxels
 from SAM3DSegmentLib.volume import Volume, get_slice, kji_to_slice, slice_to_kji
+
+from doubles import ReferenceMaskSession
 
 
 def test_slice_coordinates_round_trip_on_every_axis():
@@ -74,39 +76,6 @@ def test_stop_tracker_needs_patience():
     assert not tracker.update(3, rule.absent_reason(empty))
     assert tracker.update(4, rule.absent_reason(empty))
     assert "slice 4" in tracker.reason
-
-
-class ReferenceMaskSession(Session):
-    """A test double answering every slice from a reference mask (not a model)."""
-
-    engine_name = "reference-mask"
-
-    def __init__(self, volume, reference, axis=0):
-        super().__init__(volume, axis)
-        self.reference = reference
-        self.encoded = set()
-
-    @property
-    def slices_encoded_total(self):
-        return len(self.encoded)
-
-    def _predict_anchor(self, object_id, prompt):
-        self.encoded.add(prompt.index)
-        return SliceMask(get_slice(self.reference, self.axis, prompt.index).copy(), 1.0)
-
-    def _propagate_runs(self, object_id, runs, options, tick):
-        masks, reasons = {}, {}
-        for run in runs:
-            tracker = StopTracker(options.stop)
-            for index in run.slices:
-                tick(index)
-                self.encoded.add(index)
-                mask = get_slice(self.reference, self.axis, index).copy()
-                masks[index] = SliceMask(mask, 1.0)
-                if tracker.update(index, options.stop.absent_reason(mask)):
-                    reasons[f"{run.start}{run.step:+d}"] = tracker.reason
-                    break
-        return RunsOutput(masks, reasons)
 
 
 def _sphere_case():

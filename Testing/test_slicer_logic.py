@@ -15,15 +15,17 @@ vtk = pytest.importorskip("vtk")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "SAM3DSegment"))
 
-from SAM3DSegmentLib.engine import PropagationOptions, RunsOutput, Session, SliceMask, StopRule, StopTracker  # noqa: E402
+from SAM3DSegmentLib.engine import PropagationOptions, StopRule  # noqa: E402
 from SAM3DSegmentLib.errors import InputError, PromptError, PropagationCancelled  # noqa: E402
-from SAM3DSegmentLib.volume import get_slice, kji_to_slice  # noqa: E402
+from SAM3DSegmentLib.volume import kji_to_slice  # noqa: E402
+
+from doubles import ReferenceMaskSession  # noqa: E402
 from SAM3DSegmentSlicerLogic.markers import clear_prompt_boxes, clear_prompt_markers, show_prompt_boxes, show_prompt_markers  # noqa: E402
 from SAM3DSegmentSlicerLogic.masking import MASK_MODES, MaskingSettings, masking_from_editor_node  # noqa: E402
 from SAM3DSegmentSlicerLogic.messages import user_message  # noqa: E402
 from SAM3DSegmentSlicerLogic.segment_propagation import SegmentPropagation  # noqa: E402
 from SAM3DSegmentSlicerLogic.segment_writer import (  # noqa: E402
-    other_segments, read_segment, segmentation_history, write_segment,
+    read_segment, segmentation_history, write_segment,
 )
 from SAM3DSegmentSlicerLogic.settings import PanelSettings, load_settings, save_settings  # noqa: E402
 from SAM3DSegmentSlicerLogic.view_prompts import axis_of_view, box_prompt, point_prompt, slice_index_of_view  # noqa: E402
@@ -45,39 +47,6 @@ SAGITTAL_ACQUIRED = np.array([
     [0.0, -1.0, 0.0, 0.0],
     [0.0, 0.0, 0.0, 1.0],
 ])
-
-
-class ReferenceMaskSession(Session):
-    """A test double answering every slice from a reference mask (not a model)."""
-
-    engine_name = "reference-mask"
-
-    def __init__(self, volume, reference, axis=0):
-        super().__init__(volume, axis)
-        self.reference = reference
-        self.encoded = set()
-
-    @property
-    def slices_encoded_total(self):
-        return len(self.encoded)
-
-    def _predict_anchor(self, object_id, prompt):
-        self.encoded.add(prompt.index)
-        return SliceMask(get_slice(self.reference, self.axis, prompt.index).copy(), 1.0)
-
-    def _propagate_runs(self, object_id, runs, options, tick):
-        masks, reasons = {}, {}
-        for run in runs:
-            tracker = StopTracker(options.stop)
-            for index in run.slices:
-                tick(index)
-                self.encoded.add(index)
-                mask = get_slice(self.reference, self.axis, index).copy()
-                masks[index] = SliceMask(mask, 1.0)
-                if tracker.update(index, options.stop.absent_reason(mask)):
-                    reasons[f"{run.start}{run.step:+d}"] = tracker.reason
-                    break
-        return RunsOutput(masks, reasons)
 
 
 @pytest.fixture
