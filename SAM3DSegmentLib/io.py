@@ -117,6 +117,13 @@ def _read_dicom_series(folder: Path):
     return image, modality
 
 
+def _check_component(component: int | None, count: int, what: str, path: Path) -> None:
+    if component is None:
+        raise InputError(f"{what}; pick one with component=N (CLI: --component N), N from 0 to {count - 1}.")
+    if not 0 <= component < count:
+        raise InputError(f"Component {component} is out of range for {path}: use 0 to {count - 1}.")
+
+
 def _select_component(image, component: int | None, path: Path):
     """The 3D scalar image in ``image``, picking ``component`` of a 4D or multi-component image."""
     sitk = _sitk()
@@ -125,13 +132,7 @@ def _select_component(image, component: int | None, path: Path):
         raise InputError(f"{path} is a 2D image ({image.GetSize()}); a 3D volume is needed.")
     if dimension == 4:
         count = image.GetSize()[3]
-        if component is None:
-            raise InputError(
-                f"{path} is a 4D image with {count} volumes; pick one with component=N "
-                f"(CLI: --component N), N from 0 to {count - 1}."
-            )
-        if not 0 <= component < count:
-            raise InputError(f"Component {component} is out of range for {path}: use 0 to {count - 1}.")
+        _check_component(component, count, f"{path} is a 4D image with {count} volumes", path)
         size = list(image.GetSize())
         size[3] = 0
         image = sitk.Extract(image, size, [0, 0, 0, component])
@@ -139,13 +140,8 @@ def _select_component(image, component: int | None, path: Path):
         raise InputError(f"{path} has {dimension} dimensions; a 3D volume is needed.")
     components = image.GetNumberOfComponentsPerPixel()
     if components > 1:
-        if component is None:
-            raise InputError(
-                f"{path} has {components} components per voxel (e.g. RGB or a vector image); pick one with "
-                f"component=N (CLI: --component N), N from 0 to {components - 1}."
-            )
-        if not 0 <= component < components:
-            raise InputError(f"Component {component} is out of range for {path}: use 0 to {components - 1}.")
+        what = f"{path} has {components} components per voxel (e.g. RGB or a vector image)"
+        _check_component(component, components, what, path)
         image = sitk.VectorIndexSelectionCast(image, component)
     return image
 

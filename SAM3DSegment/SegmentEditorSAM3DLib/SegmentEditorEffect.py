@@ -215,14 +215,18 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         except Exception as error:
             self._showError(error)
             return
+        self._submitPreview(segmentId, prompt)
+        if previousAxis is not None and previousAxis != prompt.axis:
+            self.statusLabel.text = "Prompted in another view: propagation now follows this view; earlier prompts were dropped."
+
+    def _submitPreview(self, segmentId, prompt):
+        """The worker computes the 2D preview of ``prompt``; the main thread writes it."""
         propagation = self.propagation
         self._submit(
             "preview",
             lambda progress, cancelled: propagation.preview_in_session(segmentId, prompt),
             lambda preview: self._finishPreview(propagation, segmentId, preview),
         )
-        if previousAxis is not None and previousAxis != prompt.axis:
-            self.statusLabel.text = "Prompted in another view: propagation now follows this view; earlier prompts were dropped."
 
     def onUseSegmentAsPrompt(self):
         viewWidget = self._lastSliceWidget or slicer.app.layoutManager().sliceWidget("Red")
@@ -237,12 +241,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         except Exception as error:
             self._showError(error)
             return
-        propagation = self.propagation
-        self._submit(
-            "preview",
-            lambda progress, cancelled: propagation.preview_in_session(segmentId, prompt),
-            lambda preview: self._finishPreview(propagation, segmentId, preview),
-        )
+        self._submitPreview(segmentId, prompt)
 
     def onPropagate(self):
         try:
