@@ -10,7 +10,7 @@ import sys
 from .errors import SAM3DError
 
 # One module per subcommand in SAM3DSegmentLib/commands; each defines add_parser(subparsers).
-COMMANDS: tuple[str, ...] = ("eval", "segment", "demo", "models", "bench")
+COMMANDS: tuple[str, ...] = ("segment", "demo", "models", "eval", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
