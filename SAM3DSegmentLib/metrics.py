@@ -123,9 +123,7 @@ def normalised_surface_dice(
         return 1.0
     if not has_pred or not has_ref:
         return 0.0
-    pred_to_ref, ref_to_pred = surface_distances(prediction, reference, spacing)
-    close = np.count_nonzero(pred_to_ref <= tolerance_mm) + np.count_nonzero(ref_to_pred <= tolerance_mm)
-    return close / (pred_to_ref.size + ref_to_pred.size)
+    return _nsd(*surface_distances(prediction, reference, spacing), tolerance_mm)
 
 
 def hausdorff95(prediction: np.ndarray, reference: np.ndarray, spacing) -> float:
@@ -137,7 +135,15 @@ def hausdorff95(prediction: np.ndarray, reference: np.ndarray, spacing) -> float
         return 0.0
     if not has_pred or not has_ref:
         return volume_diagonal_mm(prediction.shape, spacing)
-    pred_to_ref, ref_to_pred = surface_distances(prediction, reference, spacing)
+    return _hd95(*surface_distances(prediction, reference, spacing))
+
+
+def _nsd(pred_to_ref: np.ndarray, ref_to_pred: np.ndarray, tolerance_mm: float) -> float:
+    close = np.count_nonzero(pred_to_ref <= tolerance_mm) + np.count_nonzero(ref_to_pred <= tolerance_mm)
+    return close / (pred_to_ref.size + ref_to_pred.size)
+
+
+def _hd95(pred_to_ref: np.ndarray, ref_to_pred: np.ndarray) -> float:
     return float(max(np.percentile(pred_to_ref, 95), np.percentile(ref_to_pred, 95)))
 
 
@@ -149,10 +155,8 @@ def evaluate_masks(
     if tolerance_mm < 0:
         raise InputError(f"NSD tolerance must be >= 0 mm; got {tolerance_mm}.")
     if prediction.any() and reference.any():
-        pred_to_ref, ref_to_pred = surface_distances(prediction, reference, spacing)
-        close = np.count_nonzero(pred_to_ref <= tolerance_mm) + np.count_nonzero(ref_to_pred <= tolerance_mm)
-        nsd = close / (pred_to_ref.size + ref_to_pred.size)
-        hd95 = float(max(np.percentile(pred_to_ref, 95), np.percentile(ref_to_pred, 95)))
+        distances = surface_distances(prediction, reference, spacing)  # computed once for both
+        nsd, hd95 = _nsd(*distances, tolerance_mm), _hd95(*distances)
     else:  # the empty cases, defined in the module docstring
         nsd = normalised_surface_dice(prediction, reference, spacing, tolerance_mm)
         hd95 = hausdorff95(prediction, reference, spacing)
