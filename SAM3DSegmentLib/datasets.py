@@ -76,7 +76,7 @@ def read_cases_json(path: str | Path) -> list[Case]:
     if path.is_dir():
         path = path / "cases.json"
     try:
-        entries = json.loads(path.read_text())
+        entries = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise InputError(f"{path} not found; give a cases.json or a folder of image/label pairs.") from None
     except json.JSONDecodeError as exc:

@@ -191,13 +191,13 @@ def evaluate_dataset(
         raise InputError("Nothing was evaluated: no case had a non-empty target. Check --cases and --targets.")
     if out is not None:
         write_csv(rows, out / "results.csv")
-        (out / "summary.md").write_text(summarise(rows, config))
+        (out / "summary.md").write_text(summarise(rows, config), encoding="utf-8")
     return rows
 
 
 def write_csv(rows: list[EvaluationRow], path: str | Path) -> None:
     names = [f.name for f in fields(EvaluationRow)]
-    with open(path, "w", newline="") as handle:
+    with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=names)
         writer.writeheader()
         for row in rows:

@@ -20,7 +20,7 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def cases(shared_data: Path) -> list[dict]:
-    return json.loads((shared_data / "cases.json").read_text())
+    return json.loads((shared_data / "cases.json").read_text(encoding="utf-8"))
 
 
 @pytest.fixture(autouse=True)

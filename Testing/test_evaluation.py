@@ -176,11 +176,11 @@ def test_sam3d_eval_on_a_real_case(shared_data, tmp_path):
     code = main(["eval", "--data", str(shared_data), "--cases", "mr_abdomen_totalseg", "--targets",
                  "kidney_left", "--engine", "oracle", "--rounds", "1", "--out", str(out)])
     assert code == 0
-    rows = list(csv.DictReader(open(out / "results.csv")))
+    rows = list(csv.DictReader(open(out / "results.csv", encoding="utf-8")))
     assert [r["round"] for r in rows] == ["0", "1"]
     assert float(rows[-1]["dice"]) > 0.95 and rows[0]["dataset"] == "TotalSegmentator"
     assert (out / "mr_abdomen_totalseg_kidney_left.png").stat().st_size > 1000
-    assert "| all | all |" in (out / "summary.md").read_text()
+    assert "| all | all |" in (out / "summary.md").read_text(encoding="utf-8")
 
 
 def test_weightfree_engine_evaluates_on_a_real_case(shared_data):

@@ -292,7 +292,7 @@ def test_label_map_with_fractional_values(tmp_path):
 
 
 def test_real_case_image_and_label(shared_data):
-    cases = json.loads((shared_data / "cases.json").read_text())
+    cases = json.loads((shared_data / "cases.json").read_text(encoding="utf-8"))
     case = cases[0]
     folder = shared_data / case["case"]
     volume = read_volume(folder / "image.nii.gz")
@@ -307,7 +307,7 @@ def test_real_case_image_and_label(shared_data):
 
 
 def test_real_case_label_round_trip(shared_data, tmp_path):
-    cases = json.loads((shared_data / "cases.json").read_text())
+    cases = json.loads((shared_data / "cases.json").read_text(encoding="utf-8"))
     folder = shared_data / cases[-1]["case"]
     volume = read_volume(folder / "image.nii.gz")
     labels = read_label_map(folder / "label.nii.gz", volume)

@@ -14,7 +14,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 def test_readme_python_example_runs(tmp_path, monkeypatch):
     import SimpleITK as sitk
 
-    block = re.search(r"## Python\n\n```python\n(.*?)```", README.read_text(), re.S).group(1)
+    block = re.search(r"## Python\n\n```python\n(.*?)```", README.read_text(encoding="utf-8"), re.S).group(1)
     sample = make_sample(shape_kji=(24, 88, 100))
     sitk.WriteImage(image_from_array(sample.volume.array, sample.volume.ijk_to_ras), str(tmp_path / "ct.nii.gz"))
     k, j, i = sample.click_kji

@@ -34,7 +34,7 @@ def module_python_files() -> list[Path]:
 
 
 def class_methods(path: Path, class_name: str) -> dict[str, ast.FunctionDef]:
-    tree = ast.parse(path.read_text())
+    tree = ast.parse(path.read_text(encoding="utf-8"))
     for node in tree.body:
         if isinstance(node, ast.ClassDef) and node.name == class_name:
             return {f.name: f for f in node.body if isinstance(f, ast.FunctionDef)}
@@ -53,7 +53,7 @@ def test_every_module_file_compiles(tmp_path):
 
 
 def test_every_ui_name_used_by_the_widget_exists_in_the_ui_file():
-    used = set(re.findall(r"self\.ui\.(\w+)", MODULE_SCRIPT.read_text()))
+    used = set(re.findall(r"self\.ui\.(\w+)", MODULE_SCRIPT.read_text(encoding="utf-8")))
     assert len(used) >= 15
     missing = used - ui_widget_names()
     assert not missing, f"self.ui names missing from {UI_FILE.name}: {sorted(missing)}"
@@ -77,7 +77,7 @@ def test_effect_implements_the_methods_slicer_calls():
         assert len(args) - 1 == n_args, f"{name} takes {len(args) - 1} arguments, Slicer passes {n_args}"
     init = ast.unparse(methods["__init__"])
     assert "scriptedEffect.name = EFFECT_NAME" in init and "AbstractScriptedSegmentEditorEffect.__init__" in init
-    tree = ast.parse(EFFECT_SCRIPT.read_text())
+    tree = ast.parse(EFFECT_SCRIPT.read_text(encoding="utf-8"))
     bases = [ast.unparse(b) for n in tree.body if isinstance(n, ast.ClassDef) for b in n.bases]
     assert "AbstractScriptedSegmentEditorEffect" in bases
 
@@ -91,7 +91,7 @@ def test_effect_handles_clicks_right_clicks_and_shift_drag():
 
 def test_effect_and_widget_touch_mrml_only_through_main_thread_callbacks():
     """Jobs given to the worker call only the session-side methods of the logic."""
-    source = EFFECT_SCRIPT.read_text()
+    source = EFFECT_SCRIPT.read_text(encoding="utf-8")
     jobs = re.findall(r"lambda progress, cancelled: ([^\n]+)", source)
     assert jobs and all(re.search(r"(preview_in_session|propagate_in_session|clear_prompts|close)\(", j) for j in jobs)
     for writer in ("write_preview", "write_result", "edited_slices"):
@@ -99,7 +99,7 @@ def test_effect_and_widget_touch_mrml_only_through_main_thread_callbacks():
 
 
 def test_module_classes_self_test_and_effect_registration():
-    tree = ast.parse(MODULE_SCRIPT.read_text())
+    tree = ast.parse(MODULE_SCRIPT.read_text(encoding="utf-8"))
     classes = {n.name: [ast.unparse(b) for b in n.bases] for n in tree.body if isinstance(n, ast.ClassDef)}
     assert "ScriptedLoadableModule" in classes["SAM3DSegment"]
     assert "ScriptedLoadableModuleWidget" in classes["SAM3DSegmentWidget"]
@@ -113,12 +113,12 @@ def test_module_classes_self_test_and_effect_registration():
 
 def test_nothing_is_installed_or_heavy_imported_at_import_time():
     for path in (MODULE_SCRIPT, EFFECT_SCRIPT):
-        tree = ast.parse(path.read_text())
+        tree = ast.parse(path.read_text(encoding="utf-8"))
         top_level = [n for n in tree.body if not isinstance(n, (ast.FunctionDef, ast.ClassDef))]
         text = "\n".join(ast.unparse(n) for n in top_level)
         for forbidden in ("pip_install", "installTorch", "import torch", "import sam2", "segment_anything"):
             assert forbidden not in text, f"{path.name} does {forbidden!r} at import time"
-    module_text = MODULE_SCRIPT.read_text()
+    module_text = MODULE_SCRIPT.read_text(encoding="utf-8")
     assert "slicer.util.pip_install" in module_text and "PyTorchUtils" in module_text
 
 
@@ -126,7 +126,7 @@ def test_nothing_is_installed_or_heavy_imported_at_import_time():
 def test_imported_names_from_our_packages_exist(path):
     sys.path.insert(0, str(MODULE))
     try:
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(("SAM3DSegmentSlicerLogic", "SAM3DSegmentLib")):
                 module = importlib.import_module(node.module)
                 for alias in node.names:
@@ -143,7 +143,7 @@ def _cmake_list(text: str, variable: str) -> list[str]:
 
 
 def test_module_cmake_lists_every_file_that_exists():
-    text = (MODULE / "CMakeLists.txt").read_text()
+    text = (MODULE / "CMakeLists.txt").read_text(encoding="utf-8")
     scripts = _cmake_list(text, "MODULE_PYTHON_SCRIPTS")
     resources = _cmake_list(text, "MODULE_PYTHON_RESOURCES")
     on_disk = {str(p.relative_to(MODULE)) for p in module_python_files() if p.parent.name != "Testing"}
@@ -155,7 +155,7 @@ def test_module_cmake_lists_every_file_that_exists():
 
 def test_the_library_ships_with_the_module():
     """Slicer imports SAM3DSegmentLib from the module's directory: CMake installs the package and its configs."""
-    text = (MODULE / "CMakeLists.txt").read_text()
+    text = (MODULE / "CMakeLists.txt").read_text(encoding="utf-8")
     assert "${LIBRARY_SOURCE_DIR}/SAM3DSegmentLib/*.py" in text and "SAM3DSegmentLib/configs/*.yaml" in text
     assert (MODULE / ".." / "SAM3DSegmentLib" / "__init__.py").resolve().is_file()
     assert any((ROOT / "SAM3DSegmentLib" / "configs").glob("*.yaml"))
@@ -163,7 +163,7 @@ def test_the_library_ships_with_the_module():
 
 
 def test_extension_cmake_and_index_description():
-    text = (ROOT / "CMakeLists.txt").read_text()
+    text = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
     for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_DESCRIPTION", "EXTENSION_ICONURL",
                 "EXTENSION_SCREENSHOTURLS", "EXTENSION_CONTRIBUTORS"):
         assert re.search(rf'set\({key} "[^"]+"\)', text), key
@@ -172,7 +172,7 @@ def test_extension_cmake_and_index_description():
     for url in re.findall(r"main/(Resources/\S+\.png)", text):
         assert (ROOT / url).is_file(), url
     s4ext = dict(
-        line.split(" ", 1) for line in (ROOT / "SAM3DSegment.s4ext").read_text().splitlines()
+        line.split(" ", 1) for line in (ROOT / "SAM3DSegment.s4ext").read_text(encoding="utf-8").splitlines()
         if line.strip() and not line.startswith("#")
     )
     for key in ("scm", "scmurl", "scmrevision", "depends", "build_subdirectory", "homepage", "category",

@@ -91,7 +91,8 @@ def run_sweep(args: argparse.Namespace, config, cases) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.md").write_text(
         f"# Sweep: engine {args.engine}, {args.prompt} prompt, seed {args.seed}, first propagation\n\n"
-        f"Whole-volume Dice, NSD at {args.nsd_tolerance:g} mm, HD95; best mean Dice first.\n\n{table}"
+        f"Whole-volume Dice, NSD at {args.nsd_tolerance:g} mm, HD95; best mean Dice first.\n\n{table}",
+        encoding="utf-8",
     )
     print(table)
     print(f"wrote {out}/sweep.md")
