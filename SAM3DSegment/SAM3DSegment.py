@@ -26,7 +26,13 @@ if MODULE_DIR not in sys.path:
     sys.path.insert(0, MODULE_DIR)
 
 from SAM3DSegmentSlicerLogic import dependencies  # noqa: E402  (no heavy imports)
-from SAM3DSegmentSlicerLogic.settings import DEVICES, DIRECTIONS, PanelSettings, load_settings, save_settings  # noqa: E402
+from SAM3DSegmentSlicerLogic.settings import (  # noqa: E402
+    DEVICES,
+    DIRECTIONS,
+    PanelSettings,
+    load_settings,
+    save_settings,
+)
 
 ENGINE_NAMES = ("auto", "weightfree", "slicewise", "sam2")
 PROJECTION_NAMES = ("box", "mask", "box+mask", "points", "points+mask", "point")
@@ -287,12 +293,12 @@ class SAM3DSegmentLogic(ScriptedLoadableModuleLogic):
         return load_settings(self.getParameterNode())
 
     def modelChoices(self):
-        from SAM3DSegmentLib.registry import REGISTRY
+        from SAM3DSegmentLib.models.registry import REGISTRY
 
         return [(name, f"{spec.description} ({spec.licence})") for name, spec in REGISTRY.items()]
 
     def defaultModel(self, engine):
-        from SAM3DSegmentLib.registry import DEFAULT_SAM2_MODEL
+        from SAM3DSegmentLib.models.registry import DEFAULT_SAM2_MODEL
 
         return {"slicewise": "sam_vit_b", "weightfree": ""}.get(engine, DEFAULT_SAM2_MODEL)
 
@@ -303,13 +309,13 @@ class SAM3DSegmentLogic(ScriptedLoadableModuleLogic):
         name = settings.model or self.defaultModel(settings.engine)
         if not name:
             return "Weight-free engine: no model needed."
-        from SAM3DSegmentLib.download import cached_path, is_cached
+        from SAM3DSegmentLib.models.checkpoint_cache import cached_path, is_cached
 
         return f"{name}: {'in the cache' if is_cached(name) else 'not downloaded'} ({cached_path(name)})"
 
     def downloadQuestion(self, name) -> str:
-        from SAM3DSegmentLib.download import cache_dir
-        from SAM3DSegmentLib.registry import get_spec
+        from SAM3DSegmentLib.models.checkpoint_cache import cache_dir
+        from SAM3DSegmentLib.models.registry import get_spec
 
         spec = get_spec(name)
         size = f"{spec.file_size / 1e6:.0f} MB" if spec.file_size else "size not published"
@@ -317,7 +323,7 @@ class SAM3DSegmentLogic(ScriptedLoadableModuleLogic):
                 f"into {cache_dir()}?\nThe checksum is verified after download.")
 
     def download(self, name, progress):
-        from SAM3DSegmentLib.download import download
+        from SAM3DSegmentLib.models.download import download
 
         return download(name, lambda done, total: progress(done, total or 0, -1))
 
@@ -366,12 +372,12 @@ class SAM3DSegmentTest(ScriptedLoadableModuleTest):
     def test_prompt_and_propagate_with_the_weightfree_engine(self):
         """A synthetic CT with a lesion: one click, propagate, compare the segment with the truth."""
         import numpy as np
-
-        from SAM3DSegmentLib.sample_data import make_sample
         from SAM3DSegmentSlicerLogic.segment_propagation import SegmentPropagation
         from SAM3DSegmentSlicerLogic.segment_writer import read_segment
         from SAM3DSegmentSlicerLogic.session_factory import session_factory_for
         from SAM3DSegmentSlicerLogic.volume_nodes import add_volume_node
+
+        from SAM3DSegmentLib.data.sample_volume import make_sample
 
         self.delayDisplay("Synthetic volume")
         sample = make_sample(shape_kji=(20, 80, 96))

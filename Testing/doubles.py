@@ -1,7 +1,7 @@
 """Test doubles shared by several test modules. None of them is a model."""
 
-from SAM3DSegmentLib.engine import RunsOutput, Session, SliceMask, StopTracker
-from SAM3DSegmentLib.volume import get_slice
+from SAM3DSegmentLib.data.volume import get_slice
+from SAM3DSegmentLib.engines.session import RunsOutput, Session, SliceMask, StopTracker
 
 
 class ReferenceMaskSession(Session):

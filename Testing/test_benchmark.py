@@ -10,12 +10,21 @@ from functools import partial
 import numpy as np
 import pytest
 
-from SAM3DSegmentLib.baselines import sam_box_chaining_pipeline, sam2_jpeg_video_pipeline
-from SAM3DSegmentLib.benchmark import BenchReport, PeakRss, benchmark_engine, correction_prompt, load_bench_case
+from SAM3DSegmentLib.data.prompts import Box, Point, SlicePrompt
+from SAM3DSegmentLib.data.volume import Volume
 from SAM3DSegmentLib.errors import InputError
-from SAM3DSegmentLib.prompts import Box, Point, SlicePrompt
-from SAM3DSegmentLib.registry import get_spec
-from SAM3DSegmentLib.volume import Volume
+from SAM3DSegmentLib.evaluation.baselines import (
+    sam2_jpeg_video_pipeline,
+    sam_box_chaining_pipeline,
+)
+from SAM3DSegmentLib.evaluation.benchmark import (
+    BenchReport,
+    PeakRss,
+    benchmark_engine,
+    correction_prompt,
+    load_bench_case,
+)
+from SAM3DSegmentLib.models.registry import get_spec
 
 torch = pytest.importorskip("torch")
 SIZE = 256
@@ -32,7 +41,7 @@ def tiny_volume():
 
 @pytest.fixture(scope="module")
 def tiny_sam2():
-    from SAM3DSegmentLib.model_loading import build_model
+    from SAM3DSegmentLib.models.builders import build_model
 
     torch.manual_seed(0)
     model = build_model("sam2.1_hiera_tiny", device="cpu", video=True, overrides=[f"++model.image_size={SIZE}"])
@@ -42,7 +51,13 @@ def tiny_sam2():
 @pytest.fixture(scope="module")
 def tiny_sam():
     """segment-anything's own classes, a 2-block ViT at 256 px (test-only size)."""
-    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+    from segment_anything.modeling import (
+        ImageEncoderViT,
+        MaskDecoder,
+        PromptEncoder,
+        Sam,
+        TwoWayTransformer,
+    )
 
     torch.manual_seed(0)
     encoder = ImageEncoderViT(

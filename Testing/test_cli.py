@@ -7,10 +7,14 @@ import re
 import numpy as np
 import pytest
 
-from SAM3DSegmentLib.cli import main
-from SAM3DSegmentLib.io import read_label_map, read_volume, write_label_map
-from SAM3DSegmentLib.metrics import dice
-from SAM3DSegmentLib.sample_data import make_sample
+from SAM3DSegmentLib.commands.cli import main
+from SAM3DSegmentLib.data.sample_volume import make_sample
+from SAM3DSegmentLib.data.volume_files import (
+    read_label_map,
+    read_volume,
+    write_label_map,
+)
+from SAM3DSegmentLib.evaluation.metrics import dice
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +22,7 @@ def sample_file(tmp_path_factory):
     """The sample case written as NRRD (non-identity direction, anisotropic spacing)."""
     import SimpleITK as sitk
 
-    from SAM3DSegmentLib.io import image_from_array
+    from SAM3DSegmentLib.data.volume_files import image_from_array
 
     sample = make_sample(shape_kji=(24, 88, 100))
     folder = tmp_path_factory.mktemp("cli")
@@ -140,7 +144,7 @@ def test_demo_end_to_end(tmp_path, capsys):
 
 
 def test_negative_ras_coordinates_parse_as_values():
-    from SAM3DSegmentLib.cli import build_parser
+    from SAM3DSegmentLib.commands.cli import build_parser
 
     args = build_parser().parse_args(
         ["segment", "image.nrrd", "--ras", "--point", "-12.5,30,-4", "--negative", "-1,-2,-3", "--out", "o.nii.gz"]

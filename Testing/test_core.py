@@ -2,15 +2,21 @@
 
 import numpy as np
 import pytest
-
-from SAM3DSegmentLib.anchors import Run, plan_runs
-from SAM3DSegmentLib.cache import FeatureCache
-from SAM3DSegmentLib.engine import PropagationOptions, StopRule, StopTracker
-from SAM3DSegmentLib.errors import PromptError, PropagationCancelled
-from SAM3DSegmentLib.prompts import Box, Point, SlicePrompt, box_xyxy, points_xy, prompt_from_voxels
-from SAM3DSegmentLib.volume import Volume, get_slice, kji_to_slice, slice_to_kji
-
 from doubles import ReferenceMaskSession
+
+from SAM3DSegmentLib.data.prompts import (
+    Box,
+    Point,
+    SlicePrompt,
+    box_xyxy,
+    points_xy,
+    prompt_from_voxels,
+)
+from SAM3DSegmentLib.data.volume import Volume, get_slice, kji_to_slice, slice_to_kji
+from SAM3DSegmentLib.engines.anchors import Run, plan_runs
+from SAM3DSegmentLib.engines.feature_cache import FeatureCache
+from SAM3DSegmentLib.engines.session import PropagationOptions, StopRule, StopTracker
+from SAM3DSegmentLib.errors import PromptError, PropagationCancelled
 
 
 def test_slice_coordinates_round_trip_on_every_axis():

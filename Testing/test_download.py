@@ -12,9 +12,9 @@ import threading
 import pytest
 import torch
 
-from SAM3DSegmentLib import download
 from SAM3DSegmentLib.errors import DownloadError
-from SAM3DSegmentLib.registry import get_spec
+from SAM3DSegmentLib.models import checkpoint_cache, download
+from SAM3DSegmentLib.models.registry import get_spec
 
 PAYLOAD = bytes(range(256)) * 1200  # 307200 bytes
 
@@ -92,23 +92,23 @@ def _spec(server, prefix="", **changes):
 
 def test_cache_dir_env_and_default(monkeypatch, tmp_path):
     monkeypatch.setenv("SAM3D_CACHE_DIR", str(tmp_path / "mine"))
-    assert download.cache_dir() == tmp_path / "mine"
+    assert checkpoint_cache.cache_dir() == tmp_path / "mine"
     monkeypatch.delenv("SAM3D_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    monkeypatch.setattr(download.sys, "platform", "linux")
-    assert download.cache_dir() == tmp_path / "xdg" / "sam3dsegment"
+    monkeypatch.setattr(checkpoint_cache.sys, "platform", "linux")
+    assert checkpoint_cache.cache_dir() == tmp_path / "xdg" / "sam3dsegment"
 
 
 def test_download_with_progress_and_atomic_rename(server):
     spec = _spec(server)
     seen = []
     path = download.download(spec, progress=lambda done, total: seen.append((done, total)), timeout=5)
-    assert path == download.cache_dir() / "model.pt"
+    assert path == checkpoint_cache.cache_dir() / "model.pt"
     assert path.read_bytes() == PAYLOAD
     assert not path.with_name("model.pt.part").exists()
     assert seen[-1] == (len(PAYLOAD), len(PAYLOAD))
     assert len(seen) > 5 and all(b[0] >= a[0] for a, b in zip(seen, seen[1:]))
-    assert download.verify(spec, load=False).ok
+    assert checkpoint_cache.verify(spec, load=False).ok
     # A second call reuses the verified file without a request.
     count = len(server.requests)
     assert download.download(spec, timeout=5) == path
@@ -117,7 +117,7 @@ def test_download_with_progress_and_atomic_rename(server):
 
 def test_resume_sends_range_and_appends(server):
     spec = _spec(server)
-    final = download.cached_path(spec)
+    final = checkpoint_cache.cached_path(spec)
     final.parent.mkdir(parents=True, exist_ok=True)
     part = final.with_name("model.pt.part")
     part.write_bytes(PAYLOAD[:100_000])
@@ -130,7 +130,7 @@ def test_resume_sends_range_and_appends(server):
 
 def test_server_ignoring_range_restarts_cleanly(server):
     spec = _spec(server, prefix="norange/")
-    final = download.cached_path(spec)
+    final = checkpoint_cache.cached_path(spec)
     final.parent.mkdir(parents=True, exist_ok=True)
     final.with_name("model.pt.part").write_bytes(b"x" * 5000)
     download.download(spec, timeout=5)
@@ -141,7 +141,7 @@ def test_checksum_mismatch_deletes_partial_file(server):
     spec = _spec(server, sha256="0" * 64)
     with pytest.raises(DownloadError, match="Checksum mismatch.*deleted"):
         download.download(spec, timeout=5)
-    final = download.cached_path(spec)
+    final = checkpoint_cache.cached_path(spec)
     assert not final.exists() and not final.with_name("model.pt.part").exists()
 
 
@@ -149,7 +149,7 @@ def test_truncated_transfer_never_looks_complete_then_resumes(server):
     spec = _spec(server, prefix="truncated/")
     with pytest.raises(DownloadError, match="truncated.*again to resume"):
         download.download(spec, timeout=5)
-    final = download.cached_path(spec)
+    final = checkpoint_cache.cached_path(spec)
     part = final.with_name("model.pt.part")
     assert not final.exists()
     assert 0 < part.stat().st_size < len(PAYLOAD)
@@ -168,16 +168,16 @@ def test_interrupted_download_leaves_only_part_file(server):
 
     with pytest.raises(KeyboardInterrupt):
         download.download(spec, progress=interrupt, timeout=5)
-    final = download.cached_path(spec)
+    final = checkpoint_cache.cached_path(spec)
     assert not final.exists() and final.with_name("model.pt.part").exists()
-    assert not download.verify(spec).ok
+    assert not checkpoint_cache.verify(spec).ok
 
 
 def test_wrong_size_from_server_is_deleted(server):
     spec = _spec(server, file_size=len(PAYLOAD) + 10, sha256=None)
     with pytest.raises(DownloadError, match="expected"):
         download.download(spec, timeout=5)
-    final = download.cached_path(spec)
+    final = checkpoint_cache.cached_path(spec)
     assert not final.exists() and not final.with_name("model.pt.part").exists()
 
 
@@ -194,30 +194,30 @@ def test_no_network_and_http_errors(server):
 
 def test_verify_reports_problems(tmp_path):
     spec = dataclasses.replace(get_spec("sam2.1_hiera_tiny"), file_size=None, sha256=None, filename="tiny.pt")
-    assert "does not exist" in download.verify(spec).problems[0]
-    path = download.cached_path(spec)
+    assert "does not exist" in checkpoint_cache.verify(spec).problems[0]
+    path = checkpoint_cache.cached_path(spec)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"model": {"memory_attention.layers.0.weight": torch.zeros(3)}}, path)
-    report = download.verify(spec)
+    report = checkpoint_cache.verify(spec)
     assert report.ok, report.problems
     assert "loads as sam2" in report.checked
     wrong = dataclasses.replace(get_spec("sam_vit_b"), file_size=None, sha256=None, filename="tiny.pt")
-    assert "SAM 2" in download.verify(wrong).problems[0]
+    assert "SAM 2" in checkpoint_cache.verify(wrong).problems[0]
     sized = dataclasses.replace(spec, file_size=1)
-    assert "expected 1" in download.verify(sized).problems[0]
+    assert "expected 1" in checkpoint_cache.verify(sized).problems[0]
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    assert download.verify(dataclasses.replace(spec, sha256=digest)).ok
-    assert "sha256" in download.verify(dataclasses.replace(spec, sha256="1" * 64)).problems[0]
+    assert checkpoint_cache.verify(dataclasses.replace(spec, sha256=digest)).ok
+    assert "sha256" in checkpoint_cache.verify(dataclasses.replace(spec, sha256="1" * 64)).problems[0]
 
 
 def test_cli_download_with_progress_bar(server, monkeypatch, capsys):
-    from SAM3DSegmentLib import registry
-    from SAM3DSegmentLib.cli import main
+    from SAM3DSegmentLib.commands.cli import main
+    from SAM3DSegmentLib.models import registry
 
     monkeypatch.setitem(registry.REGISTRY, "sam2.1_hiera_tiny", _spec(server))
     assert main(["models", "download", "sam2.1_hiera_tiny"]) == 0
     captured = capsys.readouterr()
-    assert captured.out.strip() == str(download.cache_dir() / "model.pt")
+    assert captured.out.strip() == str(checkpoint_cache.cache_dir() / "model.pt")
     assert "100%" in captured.err
     assert main(["models", "verify", "sam2.1_hiera_tiny"]) == 1  # random bytes: not a checkpoint
     assert "cannot be read" in capsys.readouterr().err
@@ -227,11 +227,11 @@ def test_sha256_recorded_at_download_and_tampering_detected(server):
     import os
 
     from SAM3DSegmentLib.errors import CheckpointError
-    from SAM3DSegmentLib.model_loading import resolve_checkpoint
+    from SAM3DSegmentLib.models.checkpoint_cache import resolve_checkpoint
 
     spec = _spec(server)
     path = download.download(spec, timeout=5)
-    assert download.recorded_sha256(path) == spec.sha256
+    assert checkpoint_cache.recorded_sha256(path) == spec.sha256
     assert resolve_checkpoint(spec) == path
     # Same size, different bytes, later modification time: the record no longer applies.
     tampered = bytearray(PAYLOAD)
@@ -239,6 +239,6 @@ def test_sha256_recorded_at_download_and_tampering_detected(server):
     path.write_bytes(bytes(tampered))
     stat = path.stat()
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
-    assert download.recorded_sha256(path) is None
+    assert checkpoint_cache.recorded_sha256(path) is None
     with pytest.raises(CheckpointError, match="failed verification.*sha256"):
         resolve_checkpoint(spec)

@@ -7,14 +7,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from SAM3DSegmentLib import download
-from SAM3DSegmentLib.download import cache_dir
-from SAM3DSegmentLib.engine import Session
-from SAM3DSegmentLib.engines import EngineChoice, auto_preference, choose_engine, open_session
+from SAM3DSegmentLib.data.prompts import prompt_from_voxels
+from SAM3DSegmentLib.data.sample_volume import make_sample
+from SAM3DSegmentLib.engines.choice import (
+    EngineChoice,
+    auto_preference,
+    choose_engine,
+    open_session,
+)
+from SAM3DSegmentLib.engines.session import Session
 from SAM3DSegmentLib.errors import CheckpointError, InputError
-from SAM3DSegmentLib.prompts import prompt_from_voxels
-from SAM3DSegmentLib.registry import get_spec
-from SAM3DSegmentLib.sample_data import make_sample
+from SAM3DSegmentLib.models import checkpoint_cache
+from SAM3DSegmentLib.models.checkpoint_cache import cache_dir
+from SAM3DSegmentLib.models.registry import get_spec
 
 
 def place_in_cache(model: str) -> Path:
@@ -27,7 +32,7 @@ def place_in_cache(model: str) -> Path:
     with open(path, "wb") as handle:
         handle.truncate(spec.file_size or 1)
     if spec.sha256:
-        download.record_sha256(path, spec.sha256)
+        checkpoint_cache.record_sha256(path, spec.sha256)
     return path
 
 
@@ -110,7 +115,7 @@ def test_factory_opens_sam_engines_from_a_checkpoint_file(tmp_path, model_name, 
     engine from that file (running it is tested with small models in the engines' own tests).
     Only SAM 2.1 tiny here: building and saving SAM ViT-B costs ~15 s on the CI machine."""
     torch = pytest.importorskip("torch")
-    from SAM3DSegmentLib.model_loading import build_model
+    from SAM3DSegmentLib.models.builders import build_model
 
     spec = get_spec(model_name)
     torch.manual_seed(0)

@@ -5,8 +5,18 @@ import csv
 import numpy as np
 import pytest
 
-from SAM3DSegmentLib.cli import main
-from SAM3DSegmentLib.datasets import (
+from SAM3DSegmentLib.commands.cli import main
+from SAM3DSegmentLib.data.prompts import Box, Point, SlicePrompt
+from SAM3DSegmentLib.data.volume import Volume
+from SAM3DSegmentLib.engines.session import PropagationOptions, StopRule
+from SAM3DSegmentLib.engines.slicewise import SlicewiseOptions, SlicewiseSession
+from SAM3DSegmentLib.errors import InputError
+from SAM3DSegmentLib.evaluation.correction_rounds import (
+    EvaluationConfig,
+    evaluate_dataset,
+    evaluate_target,
+)
+from SAM3DSegmentLib.evaluation.datasets import (
     Case,
     case_targets,
     load_case,
@@ -14,14 +24,8 @@ from SAM3DSegmentLib.datasets import (
     select_cases,
     target_mask,
 )
-from SAM3DSegmentLib.engine import PropagationOptions, StopRule
-from SAM3DSegmentLib.errors import InputError
-from SAM3DSegmentLib.evaluation import EvaluationConfig, evaluate_dataset, evaluate_target
-from SAM3DSegmentLib.oracle import OraclePredictor, components_under_prompt
-from SAM3DSegmentLib.prompts import Box, Point, SlicePrompt
-from SAM3DSegmentLib.simulated_user import SimulatedUser, interior_point
-from SAM3DSegmentLib.slicewise import SlicewiseOptions, SlicewiseSession
-from SAM3DSegmentLib.volume import Volume
+from SAM3DSegmentLib.evaluation.oracle import OraclePredictor, components_under_prompt
+from SAM3DSegmentLib.evaluation.simulated_user import SimulatedUser, interior_point
 
 
 def two_blobs(shape=(12, 40, 50)):

@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from SAM3DSegmentLib.errors import InputError
-from SAM3DSegmentLib.io import (
+from SAM3DSegmentLib.data.volume import Volume
+from SAM3DSegmentLib.data.volume_files import (
     guess_modality,
     read_label_map,
     read_volume,
     write_label_map,
     write_segmentation,
 )
-from SAM3DSegmentLib.volume import Volume
+from SAM3DSegmentLib.errors import InputError
 
 # A direction with a flipped axis and an oblique rotation (orthonormal, det -1 on purpose).
 _ANGLE = np.deg2rad(30)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from SAM3DSegmentLib.errors import InputError
-from SAM3DSegmentLib.metrics import (
+from SAM3DSegmentLib.evaluation.metrics import (
     dice,
     evaluate_masks,
     hausdorff95,

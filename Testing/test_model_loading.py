@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from SAM3DSegmentLib.errors import CheckpointError, InputError
-from SAM3DSegmentLib.model_loading import (
-    build_model,
+from SAM3DSegmentLib.models.builders import build_model
+from SAM3DSegmentLib.models.checkpoint_cache import resolve_checkpoint
+from SAM3DSegmentLib.models.checkpoint_state import (
     checkpoint_family,
     load_checkpoint_state,
-    resolve_checkpoint,
 )
-from SAM3DSegmentLib.registry import get_spec
+from SAM3DSegmentLib.models.registry import get_spec
 
 
 def _assert_same_state(a: dict, b: dict) -> None:
@@ -117,14 +117,14 @@ def test_corrupt_truncated_and_empty_files(tmp_path, sam2_checkpoint):
 
 
 def test_resolve_checkpoint_from_cache_or_advice(tmp_path, monkeypatch):
-    from SAM3DSegmentLib import download
+    from SAM3DSegmentLib.models import checkpoint_cache
 
     with pytest.raises(CheckpointError, match="sam3d models download sam2.1_hiera_tiny"):
         resolve_checkpoint("sam2.1_hiera_tiny")
     with pytest.raises(CheckpointError, match="does not exist"):
         resolve_checkpoint("sam2.1_hiera_tiny", tmp_path / "missing.pt")
     spec = dataclasses.replace(get_spec("sam2.1_hiera_tiny"), file_size=10, sha256=None)
-    cached = download.cached_path(spec)
+    cached = checkpoint_cache.cached_path(spec)
     cached.parent.mkdir(parents=True, exist_ok=True)
     cached.write_bytes(b"0123456789")
     assert resolve_checkpoint(spec) == cached
@@ -135,7 +135,7 @@ def test_resolve_checkpoint_from_cache_or_advice(tmp_path, monkeypatch):
     cached.write_bytes(b"0123456789")
     digest = hashlib.sha256(b"0123456789").hexdigest()
     assert resolve_checkpoint(dataclasses.replace(spec, sha256=digest)) == cached
-    assert download.recorded_sha256(cached) == digest
+    assert checkpoint_cache.recorded_sha256(cached) == digest
     with pytest.raises(CheckpointError, match="sha256"):
         resolve_checkpoint(dataclasses.replace(spec, sha256="0" * 64))
 

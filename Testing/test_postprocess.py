@@ -3,8 +3,12 @@
 import numpy as np
 import pytest
 
+from SAM3DSegmentLib.engines.postprocess import (
+    fill_holes_2d,
+    fill_holes_slicewise,
+    keep_component,
+)
 from SAM3DSegmentLib.errors import InputError
-from SAM3DSegmentLib.postprocess import fill_holes_2d, fill_holes_slicewise, keep_component
 
 
 def two_blobs():

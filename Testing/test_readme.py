@@ -5,8 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
-from SAM3DSegmentLib.io import image_from_array
-from SAM3DSegmentLib.sample_data import make_sample
+from SAM3DSegmentLib.data.sample_volume import make_sample
+from SAM3DSegmentLib.data.volume_files import image_from_array
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

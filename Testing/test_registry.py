@@ -9,10 +9,16 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from SAM3DSegmentLib.cli import main
+from SAM3DSegmentLib.commands.cli import main
 from SAM3DSegmentLib.errors import InputError
-from SAM3DSegmentLib.model_loading import CONFIG_DIR
-from SAM3DSegmentLib.registry import IMAGENET_MEAN, IMAGENET_STD, REGISTRY, ModelSpec, get_spec
+from SAM3DSegmentLib.models.builders import CONFIG_DIR
+from SAM3DSegmentLib.models.registry import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    REGISTRY,
+    ModelSpec,
+    get_spec,
+)
 
 EXPECTED = {
     "sam_vit_b", "sam_vit_l", "sam_vit_h", "medsam_vit_b",
@@ -102,7 +108,7 @@ def test_cli_models_list(capsys):
 
 
 def test_cli_models_path_and_verify(capsys, tmp_path):
-    from SAM3DSegmentLib.download import cache_dir
+    from SAM3DSegmentLib.models.checkpoint_cache import cache_dir
 
     assert main(["models", "path", "sam2.1_hiera_tiny"]) == 1
     assert capsys.readouterr().out.strip() == str(cache_dir() / "sam2.1_hiera_tiny.pt")

@@ -19,18 +19,18 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("sam2")
 
-from SAM3DSegmentLib.engine import PropagationOptions, StopRule  # noqa: E402
-from SAM3DSegmentLib.errors import (  # noqa: E402
+from SAM3DSegmentLib.data.intensity import WindowSpec
+from SAM3DSegmentLib.data.prompts import Box, Point, SlicePrompt
+from SAM3DSegmentLib.data.volume import Volume
+from SAM3DSegmentLib.engines.sam2_video import Sam2Session
+from SAM3DSegmentLib.engines.session import PropagationOptions, StopRule
+from SAM3DSegmentLib.errors import (
     CheckpointError,
     ModelOutOfMemoryError,
     PromptError,
     PropagationCancelled,
 )
-from SAM3DSegmentLib.intensity import WindowSpec  # noqa: E402
-from SAM3DSegmentLib.prompts import Box, Point, SlicePrompt  # noqa: E402
-from SAM3DSegmentLib.registry import get_spec  # noqa: E402
-from SAM3DSegmentLib.sam2_engine import Sam2Session  # noqa: E402
-from SAM3DSegmentLib.volume import Volume  # noqa: E402
+from SAM3DSegmentLib.models.registry import get_spec
 
 # The official predictor warns on every frame that sam2's compiled extension is missing (hole filling).
 pytestmark = pytest.mark.filterwarnings("ignore:cannot import name '_C':UserWarning")
@@ -259,7 +259,7 @@ def test_clear_errors(model, spec, session):
 def test_medsam2_checkpoint_through_the_registry_path(tmp_path, frames):
     """MedSAM2's config (ours, 512 px; here overridden to 256 px for speed), saved in the official
     checkpoint format and loaded back through model_loading, runs in the engine unchanged."""
-    from SAM3DSegmentLib.model_loading import build_model
+    from SAM3DSegmentLib.models.builders import build_model
 
     small = ["++model.image_size=256"]
     medsam2 = replace(get_spec("medsam2"), input_size=IMAGE_SIZE)

@@ -13,17 +13,31 @@ import numpy as np
 import pytest
 import torch
 from segment_anything import SamPredictor
-from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+from segment_anything.modeling import (
+    ImageEncoderViT,
+    MaskDecoder,
+    PromptEncoder,
+    Sam,
+    TwoWayTransformer,
+)
 from segment_anything.utils.transforms import ResizeLongestSide
 
-from SAM3DSegmentLib.engine import PropagationOptions, StopRule
-from SAM3DSegmentLib.errors import CheckpointError, InputError, ModelOutOfMemoryError, PromptError
-from SAM3DSegmentLib.intensity import WindowSpec, window_volume
-from SAM3DSegmentLib.prompts import Box, Point, SlicePrompt, box_xyxy
-from SAM3DSegmentLib.registry import ModelSpec, get_spec
-from SAM3DSegmentLib.sam_predictor import SamSlicePredictor, open_sam_session
-from SAM3DSegmentLib.slicewise import SlicewiseOptions
-from SAM3DSegmentLib.volume import Volume
+from SAM3DSegmentLib.data.intensity import WindowSpec, window_volume
+from SAM3DSegmentLib.data.prompts import Box, Point, SlicePrompt, box_xyxy
+from SAM3DSegmentLib.data.volume import Volume
+from SAM3DSegmentLib.engines.sam_slice_predictor import (
+    SamSlicePredictor,
+    open_sam_session,
+)
+from SAM3DSegmentLib.engines.session import PropagationOptions, StopRule
+from SAM3DSegmentLib.engines.slicewise import SlicewiseOptions
+from SAM3DSegmentLib.errors import (
+    CheckpointError,
+    InputError,
+    ModelOutOfMemoryError,
+    PromptError,
+)
+from SAM3DSegmentLib.models.registry import ModelSpec, get_spec
 
 TINY = 128
 TINY_SAM_SPEC = ModelSpec(  # test-only: the small model below
@@ -121,7 +135,7 @@ def test_official_vit_b_parity_on_one_encoded_slice():
     """The official ViT-B builder at 1024 px: our input tensor equals SamPredictor's, and with the
     one encoding our click and box masks equal SamPredictor's (its encoder is the same module on
     the same input, so its features are set from ours to encode once)."""
-    from SAM3DSegmentLib.model_loading import build_model
+    from SAM3DSegmentLib.models.builders import build_model
 
     torch.manual_seed(0)
     spec = get_spec("sam_vit_b")
@@ -219,7 +233,7 @@ def test_stop_rule_ends_a_run_on_a_real_model_and_cache_budget_forces_reencoding
 
 
 def test_real_case_propagation_stays_within_its_range(model, shared_data, cases):
-    from SAM3DSegmentLib.io import read_volume
+    from SAM3DSegmentLib.data.volume_files import read_volume
 
     case = next(c for c in cases if c["modality"] == "CT")
     volume = read_volume(shared_data / case["case"] / "image.nii.gz")

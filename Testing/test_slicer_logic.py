@@ -15,22 +15,42 @@ vtk = pytest.importorskip("vtk")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "SAM3DSegment"))
 
-from SAM3DSegmentLib.engine import PropagationOptions, StopRule  # noqa: E402
-from SAM3DSegmentLib.errors import InputError, PromptError, PropagationCancelled  # noqa: E402
-from SAM3DSegmentLib.volume import kji_to_slice  # noqa: E402
-
 from doubles import ReferenceMaskSession  # noqa: E402
-from SAM3DSegmentSlicerLogic.markers import clear_prompt_boxes, clear_prompt_markers, show_prompt_boxes, show_prompt_markers  # noqa: E402
-from SAM3DSegmentSlicerLogic.masking import MASK_MODES, MaskingSettings, masking_from_editor_node  # noqa: E402
+from SAM3DSegmentSlicerLogic.markers import (  # noqa: E402
+    clear_prompt_boxes,
+    clear_prompt_markers,
+    show_prompt_boxes,
+    show_prompt_markers,
+)
+from SAM3DSegmentSlicerLogic.masking import (  # noqa: E402
+    MASK_MODES,
+    MaskingSettings,
+    masking_from_editor_node,
+)
 from SAM3DSegmentSlicerLogic.messages import user_message  # noqa: E402
 from SAM3DSegmentSlicerLogic.segment_propagation import SegmentPropagation  # noqa: E402
 from SAM3DSegmentSlicerLogic.segment_writer import (  # noqa: E402
-    read_segment, segmentation_history, write_segment,
+    read_segment,
+    segmentation_history,
+    write_segment,
 )
 from SAM3DSegmentSlicerLogic.settings import PanelSettings, load_settings, save_settings  # noqa: E402
-from SAM3DSegmentSlicerLogic.view_prompts import axis_of_view, box_prompt, point_prompt, slice_index_of_view  # noqa: E402
-from SAM3DSegmentSlicerLogic.volume_nodes import numpy_to_matrix, oriented_image_from_mask, volume_from_node  # noqa: E402
+from SAM3DSegmentSlicerLogic.view_prompts import (  # noqa: E402
+    axis_of_view,
+    box_prompt,
+    point_prompt,
+    slice_index_of_view,
+)
+from SAM3DSegmentSlicerLogic.volume_nodes import (  # noqa: E402
+    numpy_to_matrix,
+    oriented_image_from_mask,
+    volume_from_node,
+)
 from SAM3DSegmentSlicerLogic.worker import ModelWorker  # noqa: E402
+
+from SAM3DSegmentLib.data.volume import kji_to_slice
+from SAM3DSegmentLib.engines.session import PropagationOptions, StopRule
+from SAM3DSegmentLib.errors import InputError, PromptError, PropagationCancelled
 
 # I runs right-to-left, J posterior-to-anterior flipped, K inferior-to-superior; anisotropic; rotated.
 _ANGLE = np.deg2rad(20)
@@ -420,8 +440,9 @@ def test_masking_is_honoured_during_propagation(case):
 
 
 def test_weightfree_engine_through_the_panel_factory(scene):
-    from SAM3DSegmentLib.sample_data import make_sample
     from SAM3DSegmentSlicerLogic.session_factory import session_factory_for
+
+    from SAM3DSegmentLib.data.sample_volume import make_sample
 
     sample = make_sample(shape_kji=(14, 64, 72))
     volume_node = add_volume(scene, sample.volume.array, sample.volume.ijk_to_ras)
@@ -527,7 +548,11 @@ def test_prompt_markers_are_shown_and_cleared(case):
 
 
 def test_error_messages_give_advice():
-    from SAM3DSegmentLib.errors import CheckpointError, DependencyError, ModelOutOfMemoryError
+    from SAM3DSegmentLib.errors import (
+        CheckpointError,
+        DependencyError,
+        ModelOutOfMemoryError,
+    )
 
     assert "Install dependencies" in user_message(DependencyError("torch is missing"))
     assert "smaller model" in user_message(ModelOutOfMemoryError(""))
@@ -543,11 +568,11 @@ def test_real_case_geometry_and_propagation_through_mrml(scene, shared_data, cas
     SimpleITK, a reference label written into a segment reads back exactly, and the weight-free
     engine segments a kidney from one click."""
     import SimpleITK as sitk
-    from scipy import ndimage
-
-    from SAM3DSegmentLib.io import read_label_map, read_volume
     from SAM3DSegmentSlicerLogic.session_factory import session_factory_for
     from SAM3DSegmentSlicerLogic.volume_nodes import add_volume_node
+    from scipy import ndimage
+
+    from SAM3DSegmentLib.data.volume_files import read_label_map, read_volume
 
     case = next(c for c in cases if c["case"] == "ct_upper_abdomen_totalseg")
     folder = shared_data / case["case"]

@@ -156,9 +156,9 @@ def test_module_cmake_lists_every_file_that_exists():
 def test_the_library_ships_with_the_module():
     """Slicer imports SAM3DSegmentLib from the module's directory: CMake installs the package and its configs."""
     text = (MODULE / "CMakeLists.txt").read_text(encoding="utf-8")
-    assert "${LIBRARY_SOURCE_DIR}/SAM3DSegmentLib/*.py" in text and "SAM3DSegmentLib/configs/*.yaml" in text
+    assert "${LIBRARY_SOURCE_DIR}/SAM3DSegmentLib/*.py" in text and "SAM3DSegmentLib/models/configs/*.yaml" in text
     assert (MODULE / ".." / "SAM3DSegmentLib" / "__init__.py").resolve().is_file()
-    assert any((ROOT / "SAM3DSegmentLib" / "configs").glob("*.yaml"))
+    assert any((ROOT / "SAM3DSegmentLib" / "models" / "configs").glob("*.yaml"))
     assert "SOURCE_DIR ${LIBRARY_SOURCE_DIR}" in text and "NO_INSTALL_SUBDIR" in text
 
 

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from SAM3DSegmentLib.engine import PropagationOptions, SliceMask, StopRule
-from SAM3DSegmentLib.errors import InputError, PropagationCancelled
-from SAM3DSegmentLib.prompts import Box, Point, SlicePrompt
-from SAM3DSegmentLib.slicewise import (
+from SAM3DSegmentLib.data.prompts import Box, Point, SlicePrompt
+from SAM3DSegmentLib.data.volume import Volume, get_slice
+from SAM3DSegmentLib.engines.session import PropagationOptions, SliceMask, StopRule
+from SAM3DSegmentLib.engines.slicewise import (
     PROJECTIONS,
     SlicePredictor,
     SlicewiseOptions,
@@ -17,7 +17,7 @@ from SAM3DSegmentLib.slicewise import (
     mask_box,
     project_prompt,
 )
-from SAM3DSegmentLib.volume import Volume, get_slice
+from SAM3DSegmentLib.errors import InputError, PropagationCancelled
 
 
 class ReferenceMaskPredictor:

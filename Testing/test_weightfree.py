@@ -5,15 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from SAM3DSegmentLib.engine import PropagationOptions
-from SAM3DSegmentLib.engines import open_weightfree_session
+from SAM3DSegmentLib.data.prompts import Box, Point, SlicePrompt, prompt_from_voxels
+from SAM3DSegmentLib.data.sample_volume import make_sample
+from SAM3DSegmentLib.data.volume import Volume
+from SAM3DSegmentLib.engines.choice import open_weightfree_session
+from SAM3DSegmentLib.engines.session import PropagationOptions
+from SAM3DSegmentLib.engines.slicewise import SlicePredictor
+from SAM3DSegmentLib.engines.weightfree import (
+    RandomWalkerOptions,
+    RandomWalkerPredictor,
+)
 from SAM3DSegmentLib.errors import InputError, PropagationCancelled
-from SAM3DSegmentLib.metrics import dice
-from SAM3DSegmentLib.prompts import Box, Point, SlicePrompt, prompt_from_voxels
-from SAM3DSegmentLib.sample_data import make_sample
-from SAM3DSegmentLib.slicewise import SlicePredictor
-from SAM3DSegmentLib.volume import Volume
-from SAM3DSegmentLib.weightfree import RandomWalkerOptions, RandomWalkerPredictor
+from SAM3DSegmentLib.evaluation.metrics import dice
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +164,7 @@ def test_kidney_on_real_ct(shared_data):
     """One click in the right kidney of the upper-abdomen CT (measured Dice 0.74; floor 0.6)."""
     from scipy import ndimage
 
-    from SAM3DSegmentLib.io import read_label_map, read_volume
+    from SAM3DSegmentLib.data.volume_files import read_label_map, read_volume
 
     folder = shared_data / "ct_upper_abdomen_totalseg"
     volume = read_volume(folder / "image.nii.gz", modality="CT")

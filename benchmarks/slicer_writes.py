@@ -26,13 +26,16 @@ def main() -> int:
     args = parser.parse_args()
 
     import slicer
-
-    from SAM3DSegmentLib.engine import PropagationOptions
-    from SAM3DSegmentLib.sample_data import make_sample
     from SAM3DSegmentSlicerLogic.segment_propagation import SegmentPropagation
     from SAM3DSegmentSlicerLogic.session_factory import session_factory_for
     from SAM3DSegmentSlicerLogic.settings import PanelSettings
-    from SAM3DSegmentSlicerLogic.volume_nodes import add_volume_node, oriented_image_from_mask
+    from SAM3DSegmentSlicerLogic.volume_nodes import (
+        add_volume_node,
+        oriented_image_from_mask,
+    )
+
+    from SAM3DSegmentLib.data.sample_volume import make_sample
+    from SAM3DSegmentLib.engines.session import PropagationOptions
 
     scene = slicer.vtkMRMLScene()
     logic = slicer.vtkSlicerSegmentationsModuleLogic()

@@ -18,10 +18,10 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from SAM3DSegmentLib.engine import PropagationOptions
-from SAM3DSegmentLib.engines import open_weightfree_session
-from SAM3DSegmentLib.prompts import Point, SlicePrompt
-from SAM3DSegmentLib.volume import Volume
+from SAM3DSegmentLib.data.prompts import Point, SlicePrompt
+from SAM3DSegmentLib.data.volume import Volume
+from SAM3DSegmentLib.engines.choice import open_weightfree_session
+from SAM3DSegmentLib.engines.session import PropagationOptions
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 DEFAULT_CASES = {

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from SAM3DSegmentLib.prompts import SlicePrompt
-from SAM3DSegmentLib.volume import Volume
+from SAM3DSegmentLib.data.prompts import SlicePrompt
+from SAM3DSegmentLib.data.volume import Volume
 
 from .view_prompts import prompt_markers_ras
 
@@ -35,7 +35,7 @@ BOX_ATTRIBUTE = "SAM3D.PromptBox"
 
 def box_corners_ras(volume: Volume, prompt: SlicePrompt):
     """RAS of the four corners of a prompt's box (in order around it), or None without a box."""
-    from SAM3DSegmentLib.volume import slice_to_kji
+    from SAM3DSegmentLib.data.volume import slice_to_kji
 
     if prompt.box is None:
         return None

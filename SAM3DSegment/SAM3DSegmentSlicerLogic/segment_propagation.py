@@ -19,10 +19,15 @@ from typing import Callable
 
 import numpy as np
 
-from SAM3DSegmentLib.engine import PropagationOptions, PropagationResult, Preview, Session
+from SAM3DSegmentLib.data.prompts import SlicePrompt
+from SAM3DSegmentLib.data.volume import AXIS_NAMES, Volume, get_slice, slice_index_tuple
+from SAM3DSegmentLib.engines.session import (
+    Preview,
+    PropagationOptions,
+    PropagationResult,
+    Session,
+)
 from SAM3DSegmentLib.errors import InputError, PromptError
-from SAM3DSegmentLib.prompts import SlicePrompt
-from SAM3DSegmentLib.volume import AXIS_NAMES, Volume, get_slice, slice_index_tuple
 
 from .masking import MaskingSettings
 from .segment_writer import WriteReport, check_segment, read_segment, write_segment

@@ -13,11 +13,22 @@ from typing import Callable
 
 import numpy as np
 
+from SAM3DSegmentLib.data.volume import Volume
 from SAM3DSegmentLib.errors import InputError
-from SAM3DSegmentLib.volume import Volume
 
-from .masking import MaskingSettings, SegmentLayer, apply_masking, editable_region, segments_to_overwrite
-from .volume_nodes import extent_slices, full_extent, mask_from_oriented_image, oriented_image_from_block
+from .masking import (
+    MaskingSettings,
+    SegmentLayer,
+    apply_masking,
+    editable_region,
+    segments_to_overwrite,
+)
+from .volume_nodes import (
+    extent_slices,
+    full_extent,
+    mask_from_oriented_image,
+    oriented_image_from_block,
+)
 
 log = logging.getLogger(__name__)
 

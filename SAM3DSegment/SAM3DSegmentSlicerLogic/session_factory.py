@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from SAM3DSegmentLib.volume import Volume
+from SAM3DSegmentLib.data.volume import Volume
 
 from .segment_propagation import SessionFactory
 from .settings import PanelSettings
@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 
 def session_factory_for(settings: PanelSettings) -> SessionFactory:
     """A factory opening sessions of the engine the settings ask for ("auto" picks one and says why)."""
-    from SAM3DSegmentLib.engines import choose_engine, open_session
+    from SAM3DSegmentLib.engines.choice import choose_engine, open_session
 
     choice = choose_engine(settings.engine, settings.model or None, settings.checkpoint or None)
     log.info("SAM 3D engine: %s (%s)", choice.engine, choice.reason)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from SAM3DSegmentLib.anchors import Direction
-from SAM3DSegmentLib.engine import PropagationOptions, StopRule
+from SAM3DSegmentLib.engines.anchors import Direction
+from SAM3DSegmentLib.engines.session import PropagationOptions, StopRule
 from SAM3DSegmentLib.errors import InputError
 
 DIRECTIONS: tuple[str, ...] = ("both", "forward", "backward")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from SAM3DSegmentLib.data.prompts import Box, Point, SlicePrompt
+from SAM3DSegmentLib.data.volume import AXIS_NAMES, Volume, kji_to_slice
 from SAM3DSegmentLib.errors import PromptError
-from SAM3DSegmentLib.prompts import Box, Point, SlicePrompt
-from SAM3DSegmentLib.volume import AXIS_NAMES, Volume, kji_to_slice
 
 VIEW_NAMES = {"Red": "axial", "Yellow": "sagittal", "Green": "coronal"}
 
@@ -92,7 +92,7 @@ def slice_index_of_view(volume: Volume, axis: int, slice_to_ras) -> int:
 
 def prompt_markers_ras(volume: Volume, prompt: SlicePrompt) -> list[tuple[np.ndarray, bool]]:
     """RAS positions of a prompt's points (to draw markers), with include/exclude flags."""
-    from SAM3DSegmentLib.volume import slice_to_kji
+    from SAM3DSegmentLib.data.volume import slice_to_kji
 
     return [
         (volume.kji_to_ras(slice_to_kji(prompt.axis, prompt.index, p.row, p.col)), p.positive)

@@ -6,8 +6,8 @@ import numpy as np
 import vtk
 from vtk.util import numpy_support
 
+from SAM3DSegmentLib.data.volume import Volume
 from SAM3DSegmentLib.errors import InputError
-from SAM3DSegmentLib.volume import Volume
 
 
 def matrix_to_numpy(matrix: vtk.vtkMatrix4x4) -> np.ndarray:

@@ -12,9 +12,8 @@ import sys
 
 import numpy as np
 import qt
-import vtk
-
 import slicer
+import vtk
 from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
 
 MODULE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -432,7 +431,10 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     def updateMarkers(self):
         """Show the selected segment's clicks (+/-) and boxes, or clear them."""
         from SAM3DSegmentSlicerLogic.markers import (
-            clear_prompt_boxes, clear_prompt_markers, show_prompt_boxes, show_prompt_markers,
+            clear_prompt_boxes,
+            clear_prompt_markers,
+            show_prompt_boxes,
+            show_prompt_markers,
         )
 
         show = self.scriptedEffect.integerParameter("ShowPromptMarkers") != 0

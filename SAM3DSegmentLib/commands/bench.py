@@ -34,7 +34,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..benchmark import run_benchmark
+    from ..evaluation.benchmark import run_benchmark
 
     report = run_benchmark(
         args.engine, args.data, args.case, args.target, repeats=args.repeats, model_name=args.model,

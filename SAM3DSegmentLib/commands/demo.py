@@ -1,6 +1,6 @@
 """``sam3d demo``: segment a synthetic lesion from one click, offline, and check it against the truth.
 
-Makes the sample volume (:mod:`sample_data`), clicks the lesion's centre, propagates with the
+Makes the sample volume (:mod:`~SAM3DSegmentLib.data.sample_volume`), clicks the lesion's centre, propagates with the
 best available engine (the weight-free engine when no checkpoint is cached), and writes the
 image, the segmentation (.seg.nrrd) and a PNG montage into ``--out``; prints the Dice against
 the known truth and which engine ran and why.
@@ -11,7 +11,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .segment import ProgressBar, add_engine_arguments, parse_window, print_summary, propagate
+from .segment import (
+    ProgressBar,
+    add_engine_arguments,
+    parse_window,
+    print_summary,
+    propagate,
+)
 
 
 def add_parser(subparsers) -> None:
@@ -29,12 +35,12 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     import SimpleITK as sitk
 
-    from .. import io
-    from ..engines import choose_engine, open_session
-    from ..metrics import dice
-    from ..montage import save_montage
-    from ..prompts import prompt_from_voxels
-    from ..sample_data import make_sample
+    from ..data import volume_files
+    from ..data.prompts import prompt_from_voxels
+    from ..data.sample_volume import make_sample
+    from ..engines.choice import choose_engine, open_session
+    from ..evaluation.metrics import dice
+    from ..evaluation.montage import save_montage
 
     out = Path(args.out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
@@ -49,8 +55,8 @@ def run(args) -> int:
     print(f"engine: {choice.engine} ({choice.reason})")
 
     image_path = out / "sample_image.nrrd"
-    sitk.WriteImage(io.image_from_array(volume.array, volume.ijk_to_ras), str(image_path), useCompression=True)
-    io.write_label_map(sample.truth, volume, out / "sample_truth.nrrd")
+    sitk.WriteImage(volume_files.image_from_array(volume.array, volume.ijk_to_ras), str(image_path), useCompression=True)
+    volume_files.write_label_map(sample.truth, volume, out / "sample_truth.nrrd")
 
     started = time.perf_counter()
     prompt = prompt_from_voxels(0, positive_kji=[sample.click_kji])
@@ -61,7 +67,7 @@ def run(args) -> int:
         session.close()
     seconds = time.perf_counter() - started
 
-    segmentation = io.write_segmentation({1: result.mask}, volume, out / "sample_segmentation.seg.nrrd",
+    segmentation = volume_files.write_segmentation({1: result.mask}, volume, out / "sample_segmentation.seg.nrrd",
                                          names={1: sample.structure})
     montage = save_montage(out / "sample_montage.png", volume, result.mask, reference=sample.truth, window=window)
     print_summary(result, volume, seconds)

@@ -51,9 +51,13 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..datasets import open_dataset, select_cases
-    from ..engine import PropagationOptions, StopRule
-    from ..evaluation import EvaluationConfig, evaluate_dataset, summary_table
+    from ..engines.session import PropagationOptions, StopRule
+    from ..evaluation.correction_rounds import (
+        EvaluationConfig,
+        evaluate_dataset,
+        summary_table,
+    )
+    from ..evaluation.datasets import open_dataset, select_cases
 
     stop = {}
     if args.min_area is not None:
@@ -82,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
 def run_sweep(args: argparse.Namespace, config, cases) -> int:
     from pathlib import Path
 
-    from ..evaluation import evaluate_sweep, sweep_grid, sweep_table
+    from ..evaluation.correction_rounds import evaluate_sweep, sweep_grid, sweep_table
 
     settings = sweep_grid(args.sweep_projections, args.sweep_min_area, args.sweep_patience, config.propagation)
     results = evaluate_sweep(config, cases, settings, args.targets)

@@ -33,8 +33,8 @@ def _megabytes(size: int | None) -> str:
 
 
 def _list(args) -> int:
-    from ..download import cache_dir, cached_path
-    from ..registry import REGISTRY
+    from ..models.checkpoint_cache import cache_dir, cached_path
+    from ..models.registry import REGISTRY
 
     rows = [("NAME", "FAMILY", "INPUT", "SIZE", "CACHED", "LICENCE")]
     for spec in REGISTRY.values():
@@ -78,8 +78,8 @@ class _ProgressBar:
 
 
 def _download(args) -> int:
-    from ..download import download
-    from ..registry import get_spec
+    from ..models.download import download
+    from ..models.registry import get_spec
 
     spec = get_spec(args.name)
     bar = None if args.no_progress else _ProgressBar(spec.name)
@@ -93,8 +93,8 @@ def _download(args) -> int:
 
 
 def _verify(args) -> int:
-    from ..download import verify
-    from ..registry import get_spec
+    from ..models.checkpoint_cache import verify
+    from ..models.registry import get_spec
 
     spec = get_spec(args.name)
     report = verify(spec, args.checkpoint)
@@ -110,8 +110,8 @@ def _verify(args) -> int:
 
 
 def _path(args) -> int:
-    from ..download import cached_path
-    from ..registry import get_spec
+    from ..models.checkpoint_cache import cached_path
+    from ..models.registry import get_spec
 
     spec = get_spec(args.name)
     path = cached_path(spec)

@@ -90,7 +90,7 @@ def parse_numbers(text: str, count: int, what: str) -> list[float]:
 
 def parse_window(text: str):
     """A WindowSpec from "auto", a preset name, "W,L" or "pLOW,HIGH"."""
-    from ..intensity import CT_PRESETS, WindowSpec
+    from ..data.intensity import CT_PRESETS, WindowSpec
 
     text = text.strip()
     if text == "auto":
@@ -119,8 +119,8 @@ def to_kji(volume, values: list[float], ras: bool) -> tuple[float, float, float]
 
 def build_prompt(volume, axis: int, points, negatives, box, ras: bool, mask_labels=None):
     """The SlicePrompt of the command's coordinates (and the mask file's slice)."""
-    from ..prompts import SlicePrompt, prompt_from_voxels
-    from ..volume import get_slice
+    from ..data.prompts import SlicePrompt, prompt_from_voxels
+    from ..data.volume import get_slice
 
     positive = [to_kji(volume, parse_numbers(p, 3, "--point"), ras) for p in points]
     negative = [to_kji(volume, parse_numbers(p, 3, "--negative"), ras) for p in negatives]
@@ -182,9 +182,9 @@ class ProgressBar:
 def propagate(session, prompt, direction: str = "both", slice_range=None, component: str = "prompted",
               progress=None):
     """Add ``prompt`` as object 1, propagate, keep the chosen 3D component; the result."""
-    from ..engine import PropagationOptions
-    from ..postprocess import keep_component
-    from ..volume import get_slice
+    from ..data.volume import get_slice
+    from ..engines.postprocess import keep_component
+    from ..engines.session import PropagationOptions
 
     session.add_prompt(1, prompt)
     result = session.propagate(1, PropagationOptions(direction=direction, slice_range=slice_range),
@@ -198,20 +198,20 @@ def propagate(session, prompt, direction: str = "both", slice_range=None, compon
 
 def write_output(mask: np.ndarray, volume, path: str | Path, name: str) -> Path:
     """Write the mask as a .seg.nrrd (Slicer segmentation) or a label map (.nii.gz/.nii/.nrrd)."""
-    from .. import io
+    from ..data import volume_files
 
     path = Path(path)
     lower = path.name.lower()
     if not lower.endswith(SEGMENTATION_SUFFIXES):
         raise InputError(f"--out {path}: use a name ending in {', '.join(SEGMENTATION_SUFFIXES)}.")
     if lower.endswith(".seg.nrrd"):
-        return io.write_segmentation({1: mask}, volume, path, names={1: name})
-    return io.write_label_map(mask, volume, path)
+        return volume_files.write_segmentation({1: mask}, volume, path, names={1: name})
+    return volume_files.write_label_map(mask, volume, path)
 
 
 def run(args) -> int:
-    from .. import io
-    from ..engines import choose_engine, open_session
+    from ..data import volume_files
+    from ..engines.choice import choose_engine, open_session
 
     axis = AXES[args.axis]
     window = parse_window(args.window)
@@ -222,8 +222,8 @@ def run(args) -> int:
     if not args.out.lower().endswith(SEGMENTATION_SUFFIXES):
         raise InputError(f"--out {args.out}: use a name ending in {', '.join(SEGMENTATION_SUFFIXES)}.")
     choice = choose_engine(args.engine, args.model, args.checkpoint)
-    volume = io.read_volume(args.image, component=args.component)
-    labels = io.read_label_map(args.mask, volume) if args.mask else None
+    volume = volume_files.read_volume(args.image, component=args.component)
+    labels = volume_files.read_label_map(args.mask, volume) if args.mask else None
     prompt = build_prompt(volume, axis, args.point, args.negative, args.box, args.ras, labels)
     prompt.validate(volume.shape)
     print(f"engine: {choice.engine} ({choice.reason})")

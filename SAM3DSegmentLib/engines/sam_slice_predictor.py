@@ -1,0 +1,329 @@
+"""SAM and MedSAM as a :class:`~SAM3DSegmentLib.engines.slicewise.SlicePredictor` on one volume.
+
+The volume is windowed to uint8 once. A slice's model input is the grey slice as RGB, or the
+Slide-SAM 3-slice window (slices k-1, k, k+1 as R, G, B; edges replicated). Each checkpoint's
+own preprocessing comes from its :class:`~SAM3DSegmentLib.models.registry.ModelSpec`:
+
+- SAM ("longest_side" + "imagenet"): ``ResizeLongestSide`` to the input size, ImageNet mean/std,
+  zero padding, exactly as ``segment_anything.SamPredictor``; masks upscaled by
+  ``Sam.postprocess_masks``.
+- MedSAM ("square" + "minmax"): bicubic resize to a square, per-image min-max to [0, 1], no
+  mean/std; prompts scaled to the square; masks upscaled directly from 256 px, as MedSAM's own
+  inference does.
+
+Slices are encoded lazily (only those a prompt or propagation reaches), each at most once while
+its embedding stays in the :class:`~SAM3DSegmentLib.engines.feature_cache.FeatureCache` (held to a byte
+budget); a click on an encoded slice runs the prompt encoder and mask decoder only.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import fields
+from typing import Literal
+
+import numpy as np
+
+from ..data.intensity import WindowSpec, window_volume
+from ..data.prompts import SlicePrompt, box_xyxy, points_xy
+from ..data.volume import Volume, get_slice
+from ..errors import (
+    CheckpointError,
+    DependencyError,
+    InputError,
+    ModelOutOfMemoryError,
+    PromptError,
+)
+from ..models.devices import autocast_context, select_device
+from ..models.registry import ModelSpec, get_spec
+from .feature_cache import FeatureCache
+from .session import SliceMask
+from .slicewise import SlicewiseOptions, SlicewiseSession
+
+log = logging.getLogger(__name__)
+
+WindowMode = Literal["single", "three_slice"]
+DEFAULT_CACHE_BUDGET = 1024**3
+"""1 GiB: 256 SAM embeddings (256 x 64 x 64 float32 = 4 MiB each)."""
+MASK_PROMPT_LOGIT = 10.0
+"""A user's mask given as SAM's dense mask input: +10 inside, -10 outside (low-res logits)."""
+STABILITY_OFFSET = 1.0
+"""Logit offset of SAM's stability score (as in SamAutomaticMaskGenerator)."""
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError as exc:  # pragma: no cover - torch is a dependency of the SAM engine
+        raise DependencyError("PyTorch is needed for SAM models: install torch (in Slicer: the PyTorch extension).") from exc
+    return torch
+
+
+def _out_of_memory(exc: BaseException, device) -> ModelOutOfMemoryError:
+    return ModelOutOfMemoryError(
+        f"The {device} device ran out of memory running SAM ({str(exc).splitlines()[0][:120]}). "
+        "Try a smaller embedding cache budget, a smaller model (e.g. sam_vit_b instead of "
+        "vit_l/vit_h), closing other sessions, or --device cpu."
+    )
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    torch = _torch()
+    if isinstance(exc, getattr(torch, "OutOfMemoryError", ())):
+        return True
+    return isinstance(exc, (RuntimeError, MemoryError)) and "out of memory" in str(exc).lower()
+
+
+class SamSlicePredictor:
+    """SAM / MedSAM on the slices of one volume along ``axis``.
+
+    ``image`` is a :class:`Volume` (windowed here with ``window``) or an already windowed uint8
+    array (k, j, i). ``model`` is a segment-anything ``Sam`` (it is moved to ``device``).
+    ``slices_encoded`` counts image-encoder runs; ``cache`` holds the embeddings.
+    """
+
+    def __init__(
+        self,
+        image: Volume | np.ndarray,
+        axis: int,
+        model,
+        spec: ModelSpec | str,
+        device=None,
+        window: WindowSpec | None = None,
+        window_mode: WindowMode = "single",
+        cache_budget_bytes: int = DEFAULT_CACHE_BUDGET,
+        multimask_single_click: bool = True,
+    ):
+        torch = _torch()
+        self.spec = get_spec(spec)
+        if self.spec.family != "sam":
+            raise CheckpointError(
+                f"Model '{self.spec.name}' is a SAM 2 model; use the sam2 engine for it, "
+                "or pick a SAM / MedSAM model for the slicewise engine."
+            )
+        if window_mode not in ("single", "three_slice"):
+            raise InputError(f"window_mode must be 'single' or 'three_slice'; got {window_mode!r}.")
+        if axis not in (0, 1, 2):
+            raise InputError(f"Slice axis must be 0, 1 or 2 (array axes k, j, i); got {axis!r}.")
+        self.image = self._windowed(image, window)
+        self.axis = axis
+        self.window_mode = window_mode
+        self.multimask_single_click = multimask_single_click
+        self.device = device if isinstance(device, torch.device) else select_device(device)
+        self.model = model.to(self.device).eval()
+        self.input_size = int(self.model.image_encoder.img_size)
+        if self.input_size != self.spec.input_size:
+            raise CheckpointError(
+                f"Model '{self.spec.name}' expects {self.spec.input_size} px inputs, but the model given "
+                f"has a {self.input_size} px image encoder. Pass the matching model or registry entry."
+            )
+        self.cache = FeatureCache(cache_budget_bytes)
+        self.slices_encoded = 0
+        self.name = self.spec.name
+
+    @staticmethod
+    def _windowed(image: Volume | np.ndarray, window: WindowSpec | None) -> np.ndarray:
+        if isinstance(image, Volume):
+            return window_volume(image.array, window or WindowSpec(), image.modality)
+        array = np.asarray(image)
+        if array.ndim != 3 or array.dtype != np.uint8:
+            raise InputError(
+                f"Give a Volume, or a windowed uint8 array (k, j, i); got {array.dtype} with shape {array.shape}."
+            )
+        if window is not None:
+            raise InputError("A window applies to a Volume; this array is already windowed to uint8.")
+        return array
+
+    # --- model input ---------------------------------------------------------------------------
+
+    @property
+    def n_slices(self) -> int:
+        return self.image.shape[self.axis]
+
+    def slice_rgb(self, index: int) -> np.ndarray:
+        """The (rows, cols, 3) uint8 model input of slice ``index`` before resizing."""
+        if not 0 <= index < self.n_slices:
+            raise PromptError(f"Slice {index} is outside 0..{self.n_slices - 1} along this axis.")
+        if self.window_mode == "single":
+            grey = get_slice(self.image, self.axis, index)
+            return np.repeat(grey[:, :, None], 3, axis=2)
+        neighbours = [min(max(i, 0), self.n_slices - 1) for i in (index - 1, index, index + 1)]
+        return np.stack([get_slice(self.image, self.axis, i) for i in neighbours], axis=2)
+
+    def resized_size(self, original_size: tuple[int, int]) -> tuple[int, int]:
+        """(rows, cols) of the slice inside the model's input frame (before padding)."""
+        if self.spec.resize == "square":
+            return self.input_size, self.input_size
+        from segment_anything.utils.transforms import ResizeLongestSide
+
+        return ResizeLongestSide.get_preprocess_shape(original_size[0], original_size[1], self.input_size)
+
+    def preprocess(self, rgb: np.ndarray):
+        """The (1, 3, S, S) float tensor the image encoder takes, as the checkpoint expects."""
+        torch = _torch()
+        size = self.resized_size(rgb.shape[:2])
+        if self.spec.resize == "longest_side":
+            from segment_anything.utils.transforms import ResizeLongestSide
+
+            resized = ResizeLongestSide(self.input_size).apply_image(rgb)
+        else:
+            from skimage.transform import resize
+
+            resized = resize(rgb, size, order=3, preserve_range=True, anti_aliasing=True).astype(np.uint8)
+        x = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None].float()
+        if self.spec.normalisation == "imagenet":
+            return self.model.preprocess(x)  # mean/std and zero padding, as SamPredictor
+        low, high = x.amin(), x.amax()
+        x = (x - low) / torch.clamp(high - low, min=1e-8)
+        pad_rows, pad_cols = self.input_size - size[0], self.input_size - size[1]
+        return torch.nn.functional.pad(x, (0, pad_cols, 0, pad_rows))
+
+    # --- encoder ---------------------------------------------------------------------------
+
+    def encode_slice(self, index: int):
+        """One bare image-encoder forward of slice ``index`` (no cache, not counted).
+
+        Benchmarks time this as the unit cost of a propagation.
+        """
+        torch = _torch()
+        try:
+            with torch.inference_mode(), autocast_context(self.device):
+                return self.model.image_encoder(self.preprocess(self.slice_rgb(index)))
+        except Exception as exc:
+            if _is_out_of_memory(exc):
+                raise _out_of_memory(exc, self.device) from exc
+            raise
+
+    def embedding(self, index: int):
+        """Slice ``index``'s image embedding, from the cache or encoded now (and counted)."""
+        features = self.cache.get(index)
+        if features is None:
+            features = self.encode_slice(index)
+            self.slices_encoded += 1
+            self.cache.put(index, features)
+        return features
+
+    def is_encoded(self, index: int) -> bool:
+        return index in self.cache
+
+    # --- decoder -----------------------------------------------------------------------------
+
+    def predict(self, index: int, prompt: SlicePrompt, previous: SliceMask | None = None) -> SliceMask:
+        """SAM's mask for ``prompt`` on slice ``index`` (encodes the slice if needed).
+
+        One click alone gives three candidate masks and the one with the best predicted IoU is
+        kept (multimask, as SAM recommends for ambiguous prompts); otherwise a single mask.
+        ``prompt.mask`` becomes SAM's dense mask input: ``previous``'s low-res logits when it is
+        ``previous``'s own mask, else the mask as +/-10 logits.
+        """
+        torch = _torch()
+        if not (prompt.points or prompt.box is not None or prompt.mask is not None):
+            raise PromptError("SAM needs a click, a box or a mask on the slice.")
+        original_size = tuple(int(s) for s in get_slice(self.image, self.axis, index).shape)
+        try:
+            features = self.embedding(index)
+            with torch.inference_mode(), autocast_context(self.device):
+                return self._decode(features, prompt, previous, original_size)
+        except Exception as exc:
+            if _is_out_of_memory(exc):
+                raise _out_of_memory(exc, self.device) from exc
+            raise
+
+    def _decode(self, features, prompt: SlicePrompt, previous: SliceMask | None, original_size) -> SliceMask:
+        torch = _torch()
+        from segment_anything.utils.amg import calculate_stability_score
+
+        resized = self.resized_size(original_size)
+        scale = np.array([resized[1] / original_size[1], resized[0] / original_size[0]], dtype=np.float64)
+        points = None
+        if prompt.points:
+            coords, labels = points_xy(prompt.points)
+            coords = torch.as_tensor(coords * scale, dtype=torch.float, device=self.device)[None]
+            points = (coords, torch.as_tensor(labels, dtype=torch.int, device=self.device)[None])
+        boxes = None
+        if prompt.box is not None:
+            box = box_xyxy(prompt.box).reshape(2, 2) * scale
+            boxes = torch.as_tensor(box.reshape(1, 4), dtype=torch.float, device=self.device)
+        mask_input = None if prompt.mask is None else self._mask_input(prompt.mask, previous, resized)
+        multimask = (
+            self.multimask_single_click and len(prompt.points) == 1 and boxes is None and mask_input is None
+        )
+        sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
+        low_res, iou = self.model.mask_decoder(
+            image_embeddings=features,
+            image_pe=self.model.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask,
+        )
+        best = int(torch.argmax(iou[0])) if multimask else 0
+        low_res = low_res[:, best: best + 1].float()
+        if self.spec.resize == "square":  # MedSAM: straight from 256 px to the slice
+            logits = torch.nn.functional.interpolate(low_res, original_size, mode="bilinear", align_corners=False)
+        else:
+            logits = self.model.postprocess_masks(low_res, resized, original_size)
+        threshold = self.model.mask_threshold
+        stability = float(calculate_stability_score(logits, threshold, STABILITY_OFFSET)[0, 0])
+        mask = (logits[0, 0] > threshold).cpu().numpy()
+        return SliceMask(mask, float(iou[0, best]), stability, {"low_res_logits": low_res})
+
+    def _mask_input(self, mask: np.ndarray, previous: SliceMask | None, resized: tuple[int, int]):
+        """SAM's (1, 1, S/4, S/4) dense mask input for ``mask`` in the padded input frame."""
+        torch = _torch()
+        if previous is not None and previous.mask is mask and isinstance(previous.extra, dict):
+            logits = previous.extra.get("low_res_logits")
+            if logits is not None:
+                return logits.to(self.device)
+        as_float = torch.as_tensor(np.asarray(mask, dtype=np.float32), device=self.device)[None, None]
+        frame = torch.nn.functional.interpolate(as_float, resized, mode="bilinear", align_corners=False)
+        frame = torch.nn.functional.pad(frame, (0, self.input_size - resized[1], 0, self.input_size - resized[0]))
+        low = self.model.prompt_encoder.mask_input_size
+        small = torch.nn.functional.interpolate(frame, low, mode="bilinear", align_corners=False)
+        return torch.where(small > 0.5, MASK_PROMPT_LOGIT, -MASK_PROMPT_LOGIT)
+
+    def close(self) -> None:
+        """Drop the cached embeddings."""
+        self.cache.clear()
+
+
+def open_sam_session(
+    volume: Volume,
+    axis: int = 0,
+    model=None,
+    spec: ModelSpec | str = "sam_vit_b",
+    *,
+    checkpoint_path=None,
+    device=None,
+    window: WindowSpec | None = None,
+    window_mode: WindowMode = "single",
+    cache_budget_bytes: int = DEFAULT_CACHE_BUDGET,
+    options: SlicewiseOptions | None = None,
+    **option_fields,
+) -> SlicewiseSession:
+    """A sliding-window session with SAM / MedSAM on ``volume``.
+
+    Give a built ``model``, or leave it None to build ``spec`` from ``checkpoint_path``
+    (None there means random initialisation: tests and speed benchmarks only). Propagation
+    options are ``options`` or ``SlicewiseOptions`` fields given by name.
+    """
+    spec = get_spec(spec)
+    known = {f.name for f in fields(SlicewiseOptions)}
+    unknown = set(option_fields) - known
+    if unknown:
+        raise InputError(
+            f"Unknown option(s) for the slicewise engine: {', '.join(sorted(unknown))}. Known: {', '.join(sorted(known))}."
+        )
+    if options is not None and option_fields:
+        raise InputError("Give either options=SlicewiseOptions(...) or option fields by name, not both.")
+    options = options or SlicewiseOptions(**option_fields)
+    torch_device = select_device(device)
+    if model is None:
+        from ..models.builders import build_model
+
+        if checkpoint_path is None:
+            log.warning("No checkpoint for '%s': the model is randomly initialised (tests/benchmarks only).", spec.name)
+        model = build_model(spec, checkpoint_path, torch_device)
+    predictor = SamSlicePredictor(
+        volume, axis, model, spec, torch_device, window, window_mode, cache_budget_bytes
+    )
+    return SlicewiseSession(volume, axis, predictor, options)

@@ -1,0 +1,281 @@
+"""Sliding-window propagation with any 2D promptable model (Slide-SAM style).
+
+A :class:`SlicePredictor` segments one slice of one volume from a prompt. A
+:class:`SlicewiseSession` carries an object from slice to slice: the mask found on slice k is
+projected into the prompt for slice k +/- 1 (a box with a margin, the previous mask / logits,
+interior and exterior points, or one point), the predictor answers, and the session's stop rule
+decides when the object has ended. Runs between two anchors meet in the middle (see
+:mod:`anchors`); the base :class:`~SAM3DSegmentLib.engines.session.Session` assembles the 3D mask.
+
+The default projection is "box" (provisional: the final default is to be chosen by measurement
+with the evaluation's oracle clicks).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Callable, Literal, Protocol, runtime_checkable
+
+import numpy as np
+from scipy import ndimage
+
+from ..data.prompts import Box, Point, SlicePrompt
+from ..data.volume import Volume, get_slice
+from ..errors import InputError
+from .anchors import Run
+from .postprocess import ComponentChoice, fill_holes_2d, keep_component
+from .session import (
+    CancelCheck,
+    ProgressCallback,
+    PropagationOptions,
+    PropagationResult,
+    RunsOutput,
+    Session,
+    SliceMask,
+    StopTracker,
+)
+
+log = logging.getLogger(__name__)
+
+Projection = Literal["box", "mask", "box+mask", "points", "points+mask", "point"]
+PROJECTIONS: tuple[str, ...] = ("box", "mask", "box+mask", "points", "points+mask", "point")
+
+
+@runtime_checkable
+class SlicePredictor(Protocol):
+    """A 2D promptable model on the slices of one volume along one axis.
+
+    ``predict`` returns the mask for ``prompt`` on slice ``index``. When ``prompt.mask`` is set
+    the predictor uses it as a dense mask input; if ``previous`` is given and
+    ``prompt.mask is previous.mask``, it may use its own private data in ``previous.extra``
+    (e.g. SAM's low-resolution logits) instead. ``previous`` is the neighbouring slice's result
+    and is passed in every projection mode. ``slices_encoded`` counts image-encoder runs.
+    """
+
+    slices_encoded: int
+
+    def predict(self, index: int, prompt: SlicePrompt, previous: SliceMask | None = None) -> SliceMask:
+        ...
+
+
+@dataclass(frozen=True)
+class SlicewiseOptions:
+    """How one slice's mask becomes the next slice's prompt, and optional clean-up.
+
+    - ``projection``: "box" (bounding box grown by the margin), "mask" (the previous mask /
+      low-res logits), "box+mask", "points" (``n_positive`` interior points by distance
+      transform and ``n_negative`` points ``negative_distance`` px outside the mask),
+      "points+mask", or "point" (the single deepest interior point).
+    - ``box_margin_pixels`` / ``box_margin_fraction``: each side of the box grows by
+      pixels + fraction x the box's extent along that side's axis.
+    - ``fill_holes``: fill holes in every predicted slice (before the stop rule sees it).
+    - ``keep_component``: after propagation keep the 3D component touching the anchor slices'
+      masks ("prompted"), the largest ("largest"), or everything ("none").
+    """
+
+    projection: Projection = "box"
+    box_margin_pixels: float = 3.0
+    box_margin_fraction: float = 0.05
+    n_positive: int = 3
+    n_negative: int = 2
+    negative_distance: float = 5.0
+    fill_holes: bool = False
+    keep_component: ComponentChoice = "none"
+
+    def __post_init__(self) -> None:
+        if self.projection not in PROJECTIONS:
+            raise InputError(f"Projection must be one of {', '.join(PROJECTIONS)}; got {self.projection!r}.")
+        if self.box_margin_pixels < 0 or self.box_margin_fraction < 0:
+            raise InputError("Box margins must be zero or positive.")
+        if self.n_positive < 1 or self.n_negative < 0:
+            raise InputError("Points projection needs n_positive >= 1 and n_negative >= 0.")
+        if self.negative_distance < 1:
+            raise InputError("negative_distance must be at least 1 pixel.")
+        if self.keep_component not in ("none", "prompted", "largest"):
+            raise InputError(
+                f"keep_component must be 'none', 'prompted' or 'largest'; got {self.keep_component!r}."
+            )
+
+
+# --- projection of a mask into the next slice's prompt ------------------------------------------
+
+def mask_box(mask: np.ndarray, margin_pixels: float = 0.0, margin_fraction: float = 0.0) -> Box | None:
+    """The mask's bounding box grown by the margins and clipped to the slice (None if empty)."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        return None
+    n_rows, n_cols = mask.shape
+    r0, r1, c0, c1 = rows[0], rows[-1], cols[0], cols[-1]
+    grow_r = margin_pixels + margin_fraction * (r1 - r0 + 1)
+    grow_c = margin_pixels + margin_fraction * (c1 - c0 + 1)
+    r0, r1 = max(0.0, r0 - grow_r), min(n_rows - 1.0, r1 + grow_r)
+    c0, c1 = max(0.0, c0 - grow_c), min(n_cols - 1.0, c1 + grow_c)
+    r0, r1 = _at_least_one_pixel(r0, r1, n_rows)
+    c0, c1 = _at_least_one_pixel(c0, c1, n_cols)
+    return Box(float(round(r0)), float(round(c0)), float(round(r1)), float(round(c1)))
+
+
+def _at_least_one_pixel(low: float, high: float, size: int) -> tuple[float, float]:
+    if high - low >= 1 or size < 2:
+        return low, high
+    return (low, low + 1) if low + 1 <= size - 1 else (high - 1, high)
+
+
+def interior_points(mask: np.ndarray, count: int) -> list[Point]:
+    """Up to ``count`` positive points deep inside the mask, spread apart.
+
+    The first is the pixel farthest from the background (distance transform); each further
+    point is the deepest pixel outside the discs already covered by the chosen points.
+    """
+    depth = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
+    rows, cols = np.indices(mask.shape)
+    points: list[Point] = []
+    for _ in range(count):
+        flat = int(np.argmax(depth))
+        r, c = divmod(flat, mask.shape[1])
+        radius = depth[r, c]
+        if radius <= 0:
+            break
+        points.append(Point(float(r), float(c), True))
+        depth = np.where((rows - r) ** 2 + (cols - c) ** 2 <= radius**2, 0.0, depth)
+    return points
+
+
+def exterior_points(mask: np.ndarray, count: int, distance: float) -> list[Point]:
+    """Up to ``count`` negative points about ``distance`` px outside the mask, at evenly spaced
+    angles around its centroid (none if the ring lies outside the slice)."""
+    if count <= 0 or not mask.any():
+        return []
+    outside = ndimage.distance_transform_edt(~mask)
+    ring_r, ring_c = np.nonzero((outside >= distance) & (outside < distance + 1.5))
+    if ring_r.size == 0:
+        return []
+    centre_r, centre_c = np.argwhere(mask).mean(axis=0)
+    angles = np.arctan2(ring_r - centre_r, ring_c - centre_c)
+    points: list[Point] = []
+    for t in range(count):
+        target = -math.pi + 2 * math.pi * t / count
+        gap = np.abs(np.angle(np.exp(1j * (angles - target))))
+        best = int(np.argmin(gap))
+        point = Point(float(ring_r[best]), float(ring_c[best]), False)
+        if point not in points:
+            points.append(point)
+    return points
+
+
+def project_prompt(mask: np.ndarray, axis: int, index: int, options: SlicewiseOptions) -> SlicePrompt:
+    """The prompt for slice ``index`` made from the neighbouring slice's ``mask``."""
+    mask = np.asarray(mask, dtype=bool)
+    mode = options.projection
+    box = mask_box(mask, options.box_margin_pixels, options.box_margin_fraction) if "box" in mode else None
+    points: tuple[Point, ...] = ()
+    if mode == "point":
+        points = tuple(interior_points(mask, 1))
+    elif mode.startswith("points"):
+        points = tuple(interior_points(mask, options.n_positive))
+        points += tuple(exterior_points(mask, options.n_negative, options.negative_distance))
+    with_mask = mode in ("mask", "box+mask", "points+mask")
+    return SlicePrompt(axis=axis, index=index, points=points, box=box, mask=mask if with_mask else None)
+
+
+# --- the session -----------------------------------------------------------------------------
+
+class SlicewiseSession(Session):
+    """A :class:`Session` that propagates slice by slice with a :class:`SlicePredictor`."""
+
+    engine_name = "slicewise"
+
+    def __init__(
+        self,
+        volume: Volume,
+        axis: int,
+        predictor: SlicePredictor,
+        options: SlicewiseOptions = SlicewiseOptions(),
+    ):
+        super().__init__(volume, axis)
+        self.predictor = predictor
+        self.options = options
+        name = getattr(predictor, "name", None)
+        if name:
+            self.engine_name = f"slicewise:{name}"
+
+    @property
+    def slices_encoded_total(self) -> int:
+        return int(self.predictor.slices_encoded)
+
+    def _predict_anchor(self, object_id: int, prompt: SlicePrompt) -> SliceMask:
+        return self._cleaned(self.predictor.predict(prompt.index, prompt, previous=None))
+
+    def _propagate_runs(
+        self,
+        object_id: int,
+        runs: list[Run],
+        options: PropagationOptions,
+        tick: Callable[[int], None],
+    ) -> RunsOutput:
+        masks: dict[int, SliceMask] = {}
+        reasons: dict[str, str] = {}
+        for run in runs:
+            key = f"{run.start}{run.step:+d}"
+            source = self.anchor_result(object_id, run.start)
+            if not source.mask.any():
+                reasons[key] = f"anchor slice {run.start} has an empty mask; nothing to propagate"
+                continue
+            tracker = StopTracker(options.stop)
+            for index in run.slices:
+                tick(index)
+                prompt = project_prompt(source.mask, self.axis, index, self.options)
+                result = self._cleaned(self.predictor.predict(index, prompt, previous=source))
+                reason = options.stop.absent_reason(result.mask, result.score, result.stability, source.mask)
+                if reason is None:
+                    masks[index] = result
+                    source = result
+                else:
+                    log.debug("slice %d: object absent (%s)", index, reason)
+                    masks[index] = SliceMask(np.zeros_like(result.mask, dtype=bool))
+                if tracker.update(index, reason):
+                    reasons[key] = tracker.reason or reason
+                    break
+        return RunsOutput(masks, reasons)
+
+    def propagate(
+        self,
+        object_id: int,
+        options: PropagationOptions | None = None,
+        progress: ProgressCallback | None = None,
+        cancel: CancelCheck | None = None,
+    ) -> PropagationResult:
+        """As :meth:`Session.propagate`, then keep the chosen 3D component if the options ask."""
+        result = super().propagate(object_id, options, progress, cancel)
+        if self.options.keep_component == "none":
+            return result
+        state = self._object(object_id)
+        seeds = np.zeros(self.volume.shape, dtype=bool)
+        for index, anchor in state.anchor_results.items():
+            get_slice(seeds, self.axis, index)[...] = anchor.mask
+        kept = keep_component(result.mask, self.options.keep_component, seeds)
+        for index, anchor in state.anchor_results.items():  # anchors stay exactly as given
+            get_slice(kept, self.axis, index)[...] = anchor.mask
+        other = tuple(a for a in range(3) if a != self.axis)
+        present = set(np.flatnonzero(kept.any(axis=other)).tolist())
+        scores = {i: s for i, s in result.scores.items() if i in present}
+        state.mask, state.scores = kept, scores
+        result.mask, result.scores = kept, scores
+        return result
+
+    def close(self) -> None:
+        super().close()
+        release = getattr(self.predictor, "close", None)
+        if callable(release):
+            release()
+
+    def _cleaned(self, result: SliceMask) -> SliceMask:
+        mask = np.asarray(result.mask, dtype=bool)
+        if self.options.fill_holes and mask.any():
+            mask = fill_holes_2d(mask)
+        if mask is result.mask:
+            return result
+        return SliceMask(mask, result.score, result.stability, result.extra)

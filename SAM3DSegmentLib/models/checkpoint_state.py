@@ -1,0 +1,94 @@
+"""Read a checkpoint file into a state dict, tell its family, and load it strictly into a model.
+
+SAM / MedSAM files are plain state dicts; SAM 2.1 / MedSAM2 files are ``{"model": state_dict}``.
+We do the ``torch.load`` ourselves (``weights_only=True``) so that corrupt, truncated and
+wrong-family files raise :class:`CheckpointError` with advice.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import CheckpointError
+from .registry import ModelSpec
+
+FAMILY_NAMES = {"sam": "SAM (segment-anything, incl. MedSAM)", "sam2": "SAM 2 (incl. SAM 2.1, MedSAM2)"}
+
+
+def checkpoint_family(state: dict) -> str | None:
+    """"sam", "sam2" or None, from the parameter names of a state dict."""
+    keys = [k for k in state if isinstance(k, str)]
+    if any(k.startswith(("memory_attention.", "memory_encoder.", "sam_mask_decoder.")) for k in keys):
+        return "sam2"
+    if any(k.startswith("mask_decoder.") for k in keys) and any(k.startswith("image_encoder.") for k in keys):
+        return "sam"
+    return None
+
+
+def load_checkpoint_state(
+    path: str | Path, expected_family: str | None = None, model_name: str = "", mmap: bool = False
+) -> dict:
+    """The state dict in checkpoint ``path``; CheckpointError if missing, corrupt or of the wrong family.
+
+    SAM files are plain state dicts; SAM 2 files are ``{"model": state_dict, ...}``.
+    """
+    import torch
+
+    path = Path(path)
+    fix = _advice(model_name)
+    if not path.is_file():
+        raise CheckpointError(f"Checkpoint file {path} does not exist. {fix}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"Checkpoint file {path} is empty. {fix}")
+    try:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError:
+            if not mmap:
+                raise
+            # Old (non-zip) checkpoints cannot be memory-mapped: read them normally.
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for damaged files
+        raise CheckpointError(
+            f"Checkpoint file {path} cannot be read: it is corrupt, truncated or not a PyTorch "
+            f"checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). {fix}"
+        ) from exc
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        state = obj["model"]
+    elif isinstance(obj, dict):
+        state = obj
+    else:
+        raise CheckpointError(f"Checkpoint file {path} holds a {type(obj).__name__}, not a state dict. {fix}")
+    found = checkpoint_family(state)
+    if found is None:
+        raise CheckpointError(
+            f"Checkpoint file {path} is neither a SAM nor a SAM 2 checkpoint (unrecognised parameter names). {fix}"
+        )
+    if expected_family is not None and found != expected_family:
+        raise CheckpointError(
+            f"Checkpoint file {path} is a {FAMILY_NAMES[found]} checkpoint, but model "
+            f"'{model_name or expected_family}' is a {FAMILY_NAMES[expected_family]} model. "
+            f"Pick a {FAMILY_NAMES[found]} model (see `sam3d models list`) or pass a matching checkpoint."
+        )
+    return state
+
+
+def load_state_strict(model, state: dict, spec: ModelSpec, path) -> None:
+    """Load ``state`` into ``model`` strictly; CheckpointError naming the likely mix-up otherwise."""
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        lines = str(exc).splitlines()
+        detail = "; ".join(line.strip() for line in lines[:4])
+        raise CheckpointError(
+            f"Checkpoint {path} does not fit model '{spec.name}' ({spec.builder}): {detail}. "
+            "It is probably another size of the same family (e.g. ViT-L weights for ViT-B); "
+            "choose the matching --model."
+        ) from exc
+
+
+def _advice(model_name: str) -> str:
+    if model_name:
+        return (f"Download it again with `sam3d models download {model_name}`, "
+                "or pass a valid file with --checkpoint FILE.")
+    return "Pass a valid checkpoint file with --checkpoint FILE."

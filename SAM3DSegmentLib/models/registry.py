@@ -1,0 +1,132 @@
+"""The models users will want: what each checkpoint is, where it comes from, how to feed it.
+
+Preprocessing facts (input size, resizing, normalisation) live here, not in the engines.
+Sizes and sha256 checksums: Meta publishes neither for SAM / SAM 2.1; the values below are the
+ones recorded independently by several downloaders that verify these exact URLs (for example
+micro-sam's model registry), and they agree with each other. Where no such value could be
+verified (MedSAM, MedSAM2) the field is ``None``: downloads then check that the file is
+complete and loads as a checkpoint of the right family, and ``sam3d models verify`` says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from ..errors import InputError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One checkpoint of a Segment Anything family.
+
+    ``family`` is "sam" (segment-anything, incl. MedSAM) or "sam2" (SAM 2 / 2.1, MedSAM2).
+    ``builder`` is the segment-anything registry key ("vit_b", ...) or the sam2 config name.
+    ``resize`` is "longest_side" (SAM: resize the longer side, pad) or "square" (MedSAM, SAM 2).
+    ``normalisation`` is "imagenet" (x/255, then mean/std) or "minmax" (MedSAM: per image to [0, 1]).
+    ``config_source`` says where a sam2 config lives: "sam2" (shipped in the sam2 package, composed
+    by hydra) or "sam3dsegment" (a YAML in SAM3DSegmentLib/models/configs, e.g. MedSAM2 at 512 px).
+    """
+
+    name: str
+    family: Literal["sam", "sam2"]
+    builder: str
+    input_size: int
+    resize: Literal["longest_side", "square"]
+    normalisation: Literal["imagenet", "minmax"]
+    url: str
+    filename: str
+    file_size: int | None = None
+    sha256: str | None = None
+    licence: str = ""
+    description: str = ""
+    config_source: Literal["sam2", "sam3dsegment"] = "sam2"
+    homepage: str = ""
+    direct_download: bool = True
+    """False when the publisher offers no direct file URL (``url`` is then a page to visit)."""
+
+
+_SAM_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
+_SAM21_URL = "https://dl.fbaipublicfiles.com/segment_anything_2/092824/"
+_SAM_HOME = "https://github.com/facebookresearch/segment-anything"
+_SAM2_HOME = "https://github.com/facebookresearch/sam2"
+
+
+def _sam(name: str, builder: str, filename: str, description: str, **facts) -> ModelSpec:
+    return ModelSpec(
+        name=name, family="sam", builder=builder, input_size=1024, resize="longest_side",
+        normalisation="imagenet", url=_SAM_URL + filename, filename=filename,
+        licence="Apache-2.0", description=description, homepage=_SAM_HOME, **facts,
+    )
+
+
+def _sam21(name: str, config: str, filename: str, description: str, **facts) -> ModelSpec:
+    return ModelSpec(
+        name=name, family="sam2", builder=f"configs/sam2.1/{config}", input_size=1024,
+        resize="square", normalisation="imagenet", url=_SAM21_URL + filename, filename=filename,
+        licence="Apache-2.0", description=description, homepage=_SAM2_HOME, **facts,
+    )
+
+
+_SPECS = (
+    _sam("sam_vit_b", "vit_b", "sam_vit_b_01ec64.pth", "SAM ViT-B (Meta), 91M parameters",
+         file_size=375_042_383,
+         sha256="ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912"),
+    _sam("sam_vit_l", "vit_l", "sam_vit_l_0b3195.pth", "SAM ViT-L (Meta), 308M parameters",
+         file_size=1_249_524_607,
+         sha256="3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622"),
+    _sam("sam_vit_h", "vit_h", "sam_vit_h_4b8939.pth", "SAM ViT-H (Meta), 636M parameters",
+         file_size=2_564_550_879,
+         sha256="a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e"),
+    ModelSpec(
+        name="medsam_vit_b", family="sam", builder="vit_b", input_size=1024, resize="square",
+        normalisation="minmax",
+        # Published only in a Google Drive folder (the Hugging Face "wanglab/medsam-vit-base" is the
+        # transformers conversion, not this segment-anything state dict): download by hand.
+        url="https://drive.google.com/drive/folders/1ETWmi4AiniJeWOt6HAsYgTjYv_fkgzoN",
+        filename="medsam_vit_b.pth", licence="Apache-2.0", direct_download=False,
+        description="MedSAM (SAM ViT-B fine-tuned on 1.5M medical image-mask pairs)",
+        homepage="https://github.com/bowang-lab/MedSAM",
+    ),
+    _sam21("sam2.1_hiera_tiny", "sam2.1_hiera_t.yaml", "sam2.1_hiera_tiny.pt",
+           "SAM 2.1 Hiera-T (Meta), 38.9M parameters", file_size=156_008_466,
+           sha256="7402e0d864fa82708a20fbd15bc84245c2f26dff0eb43a4b5b93452deb34be69"),
+    _sam21("sam2.1_hiera_small", "sam2.1_hiera_s.yaml", "sam2.1_hiera_small.pt",
+           "SAM 2.1 Hiera-S (Meta), 46M parameters", file_size=184_416_285,
+           sha256="6d1aa6f30de5c92224f8172114de081d104bbd23dd9dc5c58996f0cad5dc4d38"),
+    _sam21("sam2.1_hiera_base_plus", "sam2.1_hiera_b+.yaml", "sam2.1_hiera_base_plus.pt",
+           "SAM 2.1 Hiera-B+ (Meta), 80.8M parameters", file_size=323_606_802,
+           sha256="a2345aede8715ab1d5d31b4a509fb160c5a4af1970f199d9054ccfb746c004c5"),
+    _sam21("sam2.1_hiera_large", "sam2.1_hiera_l.yaml", "sam2.1_hiera_large.pt",
+           "SAM 2.1 Hiera-L (Meta), 224.4M parameters", file_size=898_083_611,
+           sha256="2647878d5dfa5098f2f8649825738a9345572bae2d4350a2468587ece47dd318"),
+    ModelSpec(
+        name="medsam2", family="sam2", builder="medsam2_hiera_t512.yaml", input_size=512,
+        resize="square", normalisation="imagenet",
+        url="https://huggingface.co/wanglab/MedSAM2/resolve/main/MedSAM2_latest.pt",
+        filename="MedSAM2_latest.pt", licence="Apache-2.0",
+        description="MedSAM2 (SAM 2.1 Hiera-T fine-tuned on 3D medical images and videos, 512 px)",
+        config_source="sam3dsegment", homepage="https://github.com/bowang-lab/MedSAM2",
+    ),
+)
+
+REGISTRY: dict[str, ModelSpec] = {spec.name: spec for spec in _SPECS}
+
+DEFAULT_SAM2_MODEL = "sam2.1_hiera_tiny"
+
+
+def get_spec(name: str | ModelSpec) -> ModelSpec:
+    """The registry entry called ``name`` (a ModelSpec is returned as is)."""
+    if isinstance(name, ModelSpec):
+        return name
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        known = ", ".join(REGISTRY)
+        raise InputError(
+            f"Unknown model '{name}'. Known models: {known}. "
+            "Run `sam3d models list` to see them with sizes and licences."
+        ) from None
