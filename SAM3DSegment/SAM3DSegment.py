@@ -298,9 +298,9 @@ class SAM3DSegmentLogic(ScriptedLoadableModuleLogic):
         return [(name, f"{spec.description} ({spec.licence})") for name, spec in REGISTRY.items()]
 
     def defaultModel(self, engine):
-        from SAM3DSegmentLib.models.registry import DEFAULT_SAM2_MODEL
+        from SAM3DSegmentLib.models.registry import DEFAULT_MODEL, DEFAULT_SAM2_MODEL
 
-        return {"slicewise": "sam_vit_b", "weightfree": ""}.get(engine, DEFAULT_SAM2_MODEL)
+        return {"sam2": DEFAULT_SAM2_MODEL, "weightfree": ""}.get(engine, DEFAULT_MODEL)
 
     def modelState(self, settings: PanelSettings) -> str:
         if settings.checkpoint:
@@ -309,9 +309,14 @@ class SAM3DSegmentLogic(ScriptedLoadableModuleLogic):
         name = settings.model or self.defaultModel(settings.engine)
         if not name:
             return "Weight-free engine: no model needed."
-        from SAM3DSegmentLib.models.checkpoint_cache import cached_path, is_cached
+        from SAM3DSegmentLib.models.checkpoint_cache import cached_path, package_file_path
+        from SAM3DSegmentLib.models.registry import get_spec
 
-        return f"{name}: {'in the cache' if is_cached(name) else 'not downloaded'} ({cached_path(name)})"
+        path = cached_path(name)
+        if not path.is_file():
+            return f"{name}: not downloaded ({path})"
+        where = "installed with its Python package" if path == package_file_path(get_spec(name)) else "in the cache"
+        return f"{name}: {where} ({path})"
 
     def downloadQuestion(self, name) -> str:
         from SAM3DSegmentLib.models.checkpoint_cache import cache_dir

@@ -42,7 +42,7 @@ def test_segment_with_one_voxel_click(sample_file, tmp_path, capsys):
     code = main(["segment", str(path), "--point", ijk_text(sample.click_kji), "--out", str(out)])
     captured = capsys.readouterr()
     assert code == 0, captured.err
-    assert "engine: weightfree (no SAM checkpoint in cache" in captured.out
+    assert "engine: slicewise (litemedsam is installed with SAM3DSegment" in captured.out
     assert "propagating [" in captured.err and "done" in captured.err  # the progress bar
     volume = read_volume(path)
     mask = read_label_map(out, volume) > 0
@@ -58,9 +58,9 @@ def test_voxel_and_ras_coordinates_agree(sample_file, tmp_path, capsys):
     negative = (k, j + 20, i)
     nr, na, ns = volume.kji_to_ras(negative)
     assert main(["segment", str(path), "--point", ijk_text((k, j, i)), "--negative", ijk_text(negative),
-                 "--out", str(voxel_out), "--no-progress"]) == 0
+                 "--out", str(voxel_out), "--no-progress", "--engine", "weightfree"]) == 0
     assert main(["segment", str(path), "--ras", "--point", f"{r},{a},{s}", "--negative", f"{nr},{na},{ns}",
-                 "--out", str(ras_out), "--no-progress"]) == 0
+                 "--out", str(ras_out), "--no-progress", "--engine", "weightfree"]) == 0
     voxel_mask = read_label_map(voxel_out, volume)
     assert voxel_mask.any()
     assert np.array_equal(voxel_mask, read_label_map(ras_out, volume))
@@ -129,8 +129,7 @@ def test_demo_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
-    assert "engine: weightfree (no SAM checkpoint in cache" in printed
-    assert "sam3d models download sam2.1_hiera_tiny" in printed
+    assert "engine: slicewise (litemedsam is installed with SAM3DSegment" in printed
     found = re.search(r"Dice against the known truth: ([0-9.]+)", printed)
     assert found and float(found.group(1)) > 0.8
     for name in ("sample_image.nrrd", "sample_segmentation.seg.nrrd", "sample_montage.png"):

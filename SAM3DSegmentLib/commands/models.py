@@ -11,7 +11,7 @@ def add_parser(subparsers) -> None:
         description="Model checkpoints in the user cache ($SAM3D_CACHE_DIR overrides its location).",
     )
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
-    actions.add_parser("list", help="registered models: family, size, cached or not, licence")
+    actions.add_parser("list", help="registered models: family, size, cached or installed, prompts trained with, licence")
     download = actions.add_parser("download", help="download a checkpoint into the cache (resumes)")
     download.add_argument("name", help="model name from `sam3d models list`")
     download.add_argument("--force", action="store_true", help="download again even if a verified file is cached")
@@ -33,19 +33,20 @@ def _megabytes(size: int | None) -> str:
 
 
 def _list(args) -> int:
-    from ..models.checkpoint_cache import cache_dir, cached_path
+    from ..models.checkpoint_cache import cache_dir, cached_path, package_file_path
     from ..models.registry import REGISTRY
 
-    rows = [("NAME", "FAMILY", "INPUT", "SIZE", "CACHED", "LICENCE")]
+    rows = [("NAME", "FAMILY", "INPUT", "SIZE", "CACHED", "TRAINED WITH", "LICENCE")]
     for spec in REGISTRY.values():
         path = cached_path(spec)
         if path.is_file():
-            cached = "yes"
+            cached = "installed" if path == package_file_path(spec) else "yes"
         elif path.with_name(path.name + ".part").is_file():
             cached = "partial"
         else:
             cached = "no" if spec.direct_download else "no (manual)"
-        rows.append((spec.name, spec.family, f"{spec.input_size} px", _megabytes(spec.file_size), cached, spec.licence))
+        rows.append((spec.name, spec.family, f"{spec.input_size} px", _megabytes(spec.file_size), cached,
+                     spec.trained_prompts, spec.licence))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
@@ -117,6 +118,8 @@ def _path(args) -> int:
     path = cached_path(spec)
     print(path)
     if not path.is_file():
-        print(f"(not downloaded yet: run `sam3d models download {spec.name}`)", file=sys.stderr)
+        from ..models.checkpoint_cache import how_to_get
+
+        print(f"(not here yet. {how_to_get(spec)})", file=sys.stderr)
         return 1
     return 0

@@ -4,11 +4,12 @@ Engines:
 
 - ``weightfree``: the random walker (:mod:`weightfree`) slice by slice with the sliding-window
   propagation of :mod:`slicewise`. Needs no checkpoint: the offline default and the baseline.
-- ``slicewise``: SAM / MedSAM slice by slice (:mod:`sam_slice_predictor`).
+- ``slicewise``: SAM / MedSAM / LiteMedSAM slice by slice (:mod:`sam_slice_predictor`).
 - ``sam2``: SAM 2.1 / MedSAM2 with its video memory (:mod:`sam2_video`).
 
-``choose_engine("auto")`` uses SAM 2.1 (or another registered model) when its checkpoint is
-available (a given file, or the user cache), and otherwise the weight-free engine, saying why.
+``choose_engine("auto")`` uses MedSAM2 or MedSAM when the user has their checkpoint, else
+LiteMedSAM (installed with the package), and the weight-free engine only when no model can be
+used; it says why.
 Engine modules are imported only when a session is opened.
 """
 
@@ -21,8 +22,8 @@ from pathlib import Path
 from ..data.intensity import WindowSpec
 from ..data.volume import Volume
 from ..errors import CheckpointError, DependencyError, InputError
-from ..models.checkpoint_cache import cache_dir, resolve_checkpoint
-from ..models.registry import DEFAULT_SAM2_MODEL, REGISTRY, ModelSpec, get_spec
+from ..models.checkpoint_cache import cache_dir, how_to_get, resolve_checkpoint
+from ..models.registry import DEFAULT_MODEL, DEFAULT_SAM2_MODEL, REGISTRY, ModelSpec, get_spec
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +40,16 @@ class EngineChoice:
     reason: str
 
 
+MEDICAL_MODELS = ("medsam2", "medsam_vit_b")
+"""Larger medical checkpoints that "auto" prefers to LiteMedSAM when the user has them."""
+
+
 def auto_preference() -> list[str]:
-    """Models "auto" looks for, best first: SAM 2.1 tiny, the other SAM 2 models, then SAM."""
-    names = [DEFAULT_SAM2_MODEL]
-    names += [n for n, s in REGISTRY.items() if s.family == "sam2" and n != DEFAULT_SAM2_MODEL]
-    names += [n for n, s in REGISTRY.items() if s.family == "sam"]
+    """Models "auto" looks for, best first: the larger medical models, LiteMedSAM (installed with
+    the package, so normally the end of the search), then the general SAM 2.1 and SAM models."""
+    names = [*MEDICAL_MODELS, DEFAULT_MODEL, DEFAULT_SAM2_MODEL]
+    names += [n for n, s in REGISTRY.items() if s.family == "sam2" and n not in names]
+    names += [n for n, s in REGISTRY.items() if s.family == "sam" and n not in names]
     return names
 
 
@@ -62,20 +68,24 @@ def choose_engine(engine: str = "auto", model: str | None = None, checkpoint: st
             path = cached_checkpoint(get_spec(name))
             if path is not None:
                 spec = get_spec(name)
-                return EngineChoice(_engine_of(spec), spec, path, f"found the {name} checkpoint in the cache ({path})")
+                why = (f"{name} is installed with SAM3DSegment ({path})" if name == DEFAULT_MODEL
+                       else f"found the {name} checkpoint ({path})")
+                if name != DEFAULT_MODEL and name not in MEDICAL_MODELS:
+                    why += f"; {DEFAULT_MODEL} could not be used: {how_to_get(get_spec(DEFAULT_MODEL))}"
+                return EngineChoice(_engine_of(spec), spec, path, why)
         return EngineChoice(
             "weightfree", None, None,
-            f"no SAM checkpoint in cache ({cache_dir()}); using the weight-free engine; "
-            f"run `sam3d models download {DEFAULT_SAM2_MODEL}` to use SAM 2.1",
+            f"no model checkpoint could be used (cache: {cache_dir()}), so the weight-free engine runs. "
+            f"{how_to_get(get_spec(DEFAULT_MODEL))}",
         )
 
     if spec is None:  # an explicit SAM engine without a model: its default model
-        spec = get_spec(DEFAULT_SAM2_MODEL if engine == "sam2" else "sam_vit_b")
+        spec = get_spec(DEFAULT_SAM2_MODEL if engine == "sam2" else DEFAULT_MODEL)
     if engine == "sam2" and spec.family != "sam2":
         raise InputError(f"The sam2 engine needs a SAM 2 model; {spec.name} is a {spec.family} model.")
-    if engine == "slicewise" and spec.family != "sam":
+    if engine == "slicewise" and spec.family == "sam2":
         raise InputError(
-            f"The slicewise engine runs SAM / MedSAM models; {spec.name} is a SAM 2 model: use --engine sam2."
+            f"The slicewise engine runs SAM / MedSAM / LiteMedSAM models; {spec.name} is a SAM 2 model: use --engine sam2."
         )
     chosen = _engine_of(spec) if engine == "auto" else engine
     if checkpoint is not None:
@@ -85,16 +95,10 @@ def choose_engine(engine: str = "auto", model: str | None = None, checkpoint: st
         return EngineChoice(chosen, spec, path, f"using {spec.name} from the given checkpoint {path}")
     path = cached_checkpoint(spec)
     if path is not None:
-        return EngineChoice(chosen, spec, path, f"using {spec.name} from the cache ({path})")
-    if engine == "auto":
-        return EngineChoice(
-            "weightfree", None, None,
-            f"no {spec.name} checkpoint in cache; using the weight-free engine; "
-            f"run `sam3d models download {spec.name}` to use it",
-        )
+        return EngineChoice(chosen, spec, path, f"using {spec.name} ({path})")
     raise CheckpointError(
-        f"The {engine} engine needs the {spec.name} checkpoint, which is not in the cache. "
-        f"Run `sam3d models download {spec.name}`, or pass --checkpoint FILE, or use --engine weightfree."
+        f"Model {spec.name} was asked for, but its checkpoint is not here. {how_to_get(spec)} "
+        "Or choose another model (`sam3d models list`), or --engine weightfree."
     )
 
 
@@ -125,7 +129,7 @@ def _spec_for(model: str | None, checkpoint: str | Path | None) -> ModelSpec | N
 
 
 def _engine_of(spec: ModelSpec) -> str:
-    return "sam2" if spec.family == "sam2" else "slicewise"
+    return "sam2" if spec.family == "sam2" else "slicewise"  # SAM, MedSAM, LiteMedSAM: slice by slice
 
 
 def open_session(

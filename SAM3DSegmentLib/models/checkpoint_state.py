@@ -12,16 +12,21 @@ from pathlib import Path
 from ..errors import CheckpointError
 from .registry import ModelSpec
 
-FAMILY_NAMES = {"sam": "SAM (segment-anything, incl. MedSAM)", "sam2": "SAM 2 (incl. SAM 2.1, MedSAM2)"}
+FAMILY_NAMES = {
+    "sam": "SAM (segment-anything, incl. MedSAM)",
+    "sam2": "SAM 2 (incl. SAM 2.1, MedSAM2)",
+    "litemedsam": "LiteMedSAM (TinyViT encoder)",
+}
 
 
 def checkpoint_family(state: dict) -> str | None:
-    """"sam", "sam2" or None, from the parameter names of a state dict."""
+    """"sam", "sam2", "litemedsam" or None, from the parameter names of a state dict."""
     keys = [k for k in state if isinstance(k, str)]
     if any(k.startswith(("memory_attention.", "memory_encoder.", "sam_mask_decoder.")) for k in keys):
         return "sam2"
     if any(k.startswith("mask_decoder.") for k in keys) and any(k.startswith("image_encoder.") for k in keys):
-        return "sam"
+        tiny_vit = any(k.startswith(("image_encoder.patch_embed.seq.", "image_encoder.layers.")) for k in keys)
+        return "litemedsam" if tiny_vit else "sam"
     return None
 
 
@@ -62,7 +67,7 @@ def load_checkpoint_state(
     found = checkpoint_family(state)
     if found is None:
         raise CheckpointError(
-            f"Checkpoint file {path} is neither a SAM nor a SAM 2 checkpoint (unrecognised parameter names). {fix}"
+            f"Checkpoint file {path} is not a SAM, SAM 2 or LiteMedSAM checkpoint (unrecognised parameter names). {fix}"
         )
     if expected_family is not None and found != expected_family:
         raise CheckpointError(

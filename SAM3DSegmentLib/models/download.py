@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import DownloadError
-from .checkpoint_cache import cached_path, record_sha256, sha256_of, verify
+from .checkpoint_cache import cached_path, how_to_get, record_sha256, sha256_of, verify
 from .registry import ModelSpec, get_spec
 
 log = logging.getLogger(__name__)
@@ -49,10 +49,7 @@ def download(
             return final
         log.warning("Cached %s failed verification; downloading again.", final)
     if not spec.direct_download:
-        raise DownloadError(
-            f"'{spec.name}' has no direct download: its publisher shares it at {spec.url}. Download "
-            f"{spec.filename} there, then pass --checkpoint FILE or copy it to {final}."
-        )
+        raise DownloadError(f"'{spec.name}' has no direct download. {how_to_get(spec)}")
     final.parent.mkdir(parents=True, exist_ok=True)
     part = final.with_name(final.name + ".part")
     if force and part.exists():
