@@ -309,7 +309,10 @@ class SAM3DSegmentLogic(ScriptedLoadableModuleLogic):
         name = settings.model or self.defaultModel(settings.engine)
         if not name:
             return "Weight-free engine: no model needed."
-        from SAM3DSegmentLib.models.checkpoint_cache import cached_path, package_file_path
+        from SAM3DSegmentLib.models.checkpoint_cache import (
+            cached_path,
+            package_file_path,
+        )
         from SAM3DSegmentLib.models.registry import get_spec
 
         path = cached_path(name)

@@ -193,3 +193,19 @@ def test_weightfree_engine_evaluates_on_a_real_case(shared_data):
     assert len(rows) == 2 and rows[0].engine == "weightfree"
     assert 0.0 <= rows[-1].dice <= 1.0 and rows[-1].clicks >= 2
     assert rows[-1].slices_encoded <= rows[-1].n_slices
+
+
+def test_litemedsam_and_its_published_pipeline_on_one_real_target(shared_data):
+    """Ours (box, no z-range), upstream's 3D pipeline (z-range and middle box given) and the
+    box-on-every-slice ceiling, with the real LiteMedSAM weights, on the same target."""
+    case = select_cases(open_dataset(shared_data), ["ct_lesion_000002"])[0]
+    dice = {}
+    for engine in ("slicewise", "litemedsam-upstream", "litemedsam-oracle-box"):
+        config = EvaluationConfig(engine=engine, model="litemedsam" if engine == "slicewise" else None, prompt="box")
+        rows = evaluate_dataset(config, [case], ["lesion"])
+        assert len(rows) == 1 and rows[0].engine == ("slicewise:litemedsam" if engine == "slicewise" else engine)
+        dice[engine] = rows[0].dice
+        if engine == "litemedsam-upstream":  # the reference figure of this target (../shared/reference)
+            assert rows[0].dice == pytest.approx(0.9381, abs=1e-3)
+            assert rows[0].slices_encoded == rows[0].target_slices
+    assert dice["litemedsam-oracle-box"] > 0.9 and dice["slicewise"] > 0.85

@@ -19,11 +19,18 @@ from SAM3DSegmentLib.data.orientation import SliceView, radiological_view
 from SAM3DSegmentLib.data.prompts import Box, SlicePrompt
 from SAM3DSegmentLib.data.sample_volume import make_sample
 from SAM3DSegmentLib.data.volume import Volume
-from SAM3DSegmentLib.engines.sam_slice_predictor import SamSlicePredictor, open_sam_session
+from SAM3DSegmentLib.engines.sam_slice_predictor import (
+    SamSlicePredictor,
+    open_sam_session,
+)
 from SAM3DSegmentLib.engines.session import PropagationOptions
 from SAM3DSegmentLib.errors import CheckpointError
 from SAM3DSegmentLib.models.builders import build_model
-from SAM3DSegmentLib.models.checkpoint_cache import package_file_path, resolve_checkpoint, verify
+from SAM3DSegmentLib.models.checkpoint_cache import (
+    package_file_path,
+    resolve_checkpoint,
+    verify,
+)
 from SAM3DSegmentLib.models.checkpoint_state import load_checkpoint_state
 from SAM3DSegmentLib.models.registry import get_spec
 

@@ -19,9 +19,15 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--data", required=True, help="cases.json, a folder holding one, or a folder of pairs")
     parser.add_argument("--cases", nargs="*", help="case names (default: all)")
     parser.add_argument("--targets", nargs="*", help="structure names or groups (default: each case's targets)")
-    parser.add_argument("--engine", default="weightfree",
-                        choices=("weightfree", "slicewise", "sam2", "auto", "oracle"),
-                        help="engine; 'oracle' is a measurement double answering from the reference")
+    parser.add_argument("--engine", default=["auto"], nargs="+",
+                        choices=("auto", "weightfree", "slicewise", "sam2", "oracle",
+                                 "litemedsam-upstream", "litemedsam-oracle-box"),
+                        help="engine; 'oracle' is a measurement double answering from the reference; "
+                             "litemedsam-upstream is LiteMedSAM's published 3D pipeline (box on the middle slice "
+                             "and the z-range from the reference), litemedsam-oracle-box a box from the reference "
+                             "on every slice (the model's ceiling). Several engines run one after the other on "
+                             "the same cases; results.csv and summary.md then hold them all, each engine's own "
+                             "files go into a subfolder")
     parser.add_argument("--model", help="registered model name (see `sam3d models list`)")
     parser.add_argument("--checkpoint", help="local checkpoint file")
     parser.add_argument("--device", help="cpu, cuda, mps (default: best available)")
@@ -81,11 +87,16 @@ def parse_engine_options(items: list[str]) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+    from pathlib import Path
+
     from ..engines.session import PropagationOptions, StopRule
     from ..evaluation.correction_rounds import (
         EvaluationConfig,
         evaluate_dataset,
+        summarise,
         summary_table,
+        write_csv,
     )
     from ..evaluation.datasets import open_dataset, select_cases
 
@@ -102,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     if args.projection:
         engine_options["projection"] = args.projection
     config = EvaluationConfig(
-        engine=args.engine, model=args.model, checkpoint=args.checkpoint, device=args.device,
+        engine=args.engine[0], model=args.model, checkpoint=args.checkpoint, device=args.device,
         prompt=args.prompt, box_jitter=args.box_jitter, corrections=args.corrections, rounds=args.rounds,
         seed=args.seed,
         axis=args.axis, nsd_tolerance_mm=args.nsd_tolerance,
@@ -111,7 +122,18 @@ def run(args: argparse.Namespace) -> int:
     cases = select_cases(open_dataset(args.data), args.cases)
     if args.sweep:
         return run_sweep(args, config, cases)
-    rows = evaluate_dataset(config, cases, args.targets, args.out, montage=not args.no_montage)
+    if len(args.engine) == 1:
+        rows = evaluate_dataset(config, cases, args.targets, args.out, montage=not args.no_montage)
+    else:
+        rows = []
+        for engine in args.engine:
+            with_model = engine in ("auto", "slicewise", "sam2")  # --model and --engine-option are theirs
+            engine_config = replace(config, engine=engine, model=args.model if with_model else None,
+                                    engine_options=config.engine_options if with_model else {})
+            rows += evaluate_dataset(engine_config, cases, args.targets,
+                                     Path(args.out) / engine, montage=not args.no_montage)
+        write_csv(rows, Path(args.out) / "results.csv")
+        (Path(args.out) / "summary.md").write_text(summarise(rows, config), encoding="utf-8")
     print(summary_table(rows))
     print(f"wrote {args.out}/results.csv, {args.out}/summary.md" + ("" if args.no_montage else " and montages"))
     return 0
@@ -128,7 +150,7 @@ def run_sweep(args: argparse.Namespace, config, cases) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.md").write_text(
-        f"# Sweep: engine {args.engine}, {args.prompt} prompt, seed {args.seed}, first propagation\n\n"
+        f"# Sweep: engine {config.engine}, {args.prompt} prompt, seed {args.seed}, first propagation\n\n"
         f"Whole-volume Dice, NSD at {args.nsd_tolerance:g} mm, HD95; best mean Dice first.\n\n{table}",
         encoding="utf-8",
     )

@@ -9,7 +9,11 @@ Start (clicks only, no box or mask on the slice) -- ``ClickStart``:
 - ``region_box``: the weight-free 2D region grown from the clicks (:mod:`weightfree`), its
   bounding box with a margin;
 - ``region_box+points``: that box and the clicks;
-- ``mm_box``: a square of ``click_box_mm`` around the include clicks.
+- ``mm_box``: a square of ``click_box_mm`` around the include clicks;
+- ``best_box``: the region's box (grown by 20 %) and squares of 50 and 80 mm, each decoded
+  (one encoder run, three decoder runs); the model's predicted IoU picks the mask. Best on
+  average over the shared organs and tumours, but it can pick the organ around a clicked
+  lesion (the demo's liver lesion), so it is not the default.
 
 Correction (clicks on a slice that already has a mask: an anchor or a propagated slice) --
 ``Correction``:
@@ -29,9 +33,9 @@ import numpy as np
 from ..data.prompts import Box, SlicePrompt
 from ..errors import InputError
 
-ClickStart = Literal["point", "region_box", "region_box+points", "mm_box"]
+ClickStart = Literal["point", "region_box", "region_box+points", "mm_box", "best_box"]
 Correction = Literal["points+mask", "region_box", "box_update"]
-CLICK_STARTS: tuple[str, ...] = ("point", "region_box", "region_box+points", "mm_box")
+CLICK_STARTS: tuple[str, ...] = ("point", "region_box", "region_box+points", "mm_box", "best_box")
 CORRECTIONS: tuple[str, ...] = ("points+mask", "region_box", "box_update")
 
 

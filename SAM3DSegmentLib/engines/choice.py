@@ -23,7 +23,13 @@ from ..data.intensity import WindowSpec
 from ..data.volume import Volume
 from ..errors import CheckpointError, DependencyError, InputError
 from ..models.checkpoint_cache import cache_dir, how_to_get, resolve_checkpoint
-from ..models.registry import DEFAULT_MODEL, DEFAULT_SAM2_MODEL, REGISTRY, ModelSpec, get_spec
+from ..models.registry import (
+    DEFAULT_MODEL,
+    DEFAULT_SAM2_MODEL,
+    REGISTRY,
+    ModelSpec,
+    get_spec,
+)
 
 log = logging.getLogger(__name__)
 

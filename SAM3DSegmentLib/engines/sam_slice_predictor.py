@@ -31,7 +31,7 @@ import numpy as np
 
 from ..data.intensity import WindowSpec, window_volume
 from ..data.orientation import SliceView, radiological_view
-from ..data.prompts import SlicePrompt, box_xyxy, points_xy
+from ..data.prompts import Box, SlicePrompt, box_xyxy, points_xy
 from ..data.volume import Volume, get_slice
 from ..errors import (
     CheckpointError,
@@ -59,6 +59,9 @@ log = logging.getLogger(__name__)
 
 WindowMode = Literal["single", "three_slice"]
 Orientation = Literal["radiological", "array"]
+BEST_BOX_REGION_MARGIN = 0.2
+BEST_BOX_SIZES_MM = (50.0, 80.0)
+"""``best_box`` candidates: the weight-free region's box grown by 20 %, and squares of 50 and 80 mm."""
 DEFAULT_CACHE_BUDGET = 1024**3
 """1 GiB: 256 SAM embeddings (256 x 64 x 64 float32 = 4 MiB each)."""
 MASK_PROMPT_LOGIT = 10.0
@@ -118,8 +121,8 @@ class SamSlicePredictor:
         precision: str = "auto",
         click_start: ClickStart | None = None,
         correction: Correction | None = None,
-        click_box_mm: float = 30.0,
-        region_margin_fraction: float = 0.05,
+        click_box_mm: float = 50.0,
+        region_margin_fraction: float = 0.1,
     ):
         torch = _torch()
         self.spec = get_spec(spec)
@@ -280,12 +283,14 @@ class SamSlicePredictor:
         previous_logits = None
         if previous is not None and prompt.mask is previous.mask and isinstance(previous.extra, dict):
             previous_logits = previous.extra.get("low_res_logits")
-        if previous is None:  # the user's own prompt, not a propagation step
-            prompt = self.model_prompt(index, prompt)
+        # the user's own prompt (not a propagation step) may become several candidate boxes
+        candidates = self.model_prompts(index, prompt) if previous is None else [prompt]
         try:
             features = self.embedding(index)
             with torch.inference_mode(), autocast_context(self.device, self.bfloat16):
-                result = self._decode(features, self.view.prompt_to_view(prompt), previous_logits, self.view.view_shape)
+                results = [self._decode(features, self.view.prompt_to_view(c), previous_logits, self.view.view_shape)
+                           for c in candidates]
+            result = max(results, key=lambda r: r.score)  # the model's own predicted IoU picks
         except Exception as exc:
             if _is_out_of_memory(exc):
                 raise _out_of_memory(exc, self.device) from exc
@@ -295,27 +300,41 @@ class SamSlicePredictor:
 
     # --- the user's clicks, for box-trained models ------------------------------------------------
 
-    def model_prompt(self, index: int, prompt: SlicePrompt) -> SlicePrompt:
-        """The user's prompt as the model is given it: clicks become a box on box-trained
-        models (:mod:`box_prompts`); a box, or a mask without clicks, goes as it is."""
+    def model_prompts(self, index: int, prompt: SlicePrompt) -> list[SlicePrompt]:
+        """The user's prompt as the model is given it, as one or more candidates (the model's
+        predicted IoU picks among several): clicks become boxes on box-trained models
+        (:mod:`box_prompts`); a box, or a mask without clicks, goes as it is."""
         if prompt.box is not None or not prompt.points:
-            return prompt
-        shape = get_slice(self.image, self.axis, index).shape
+            return [prompt]
         strategy = self.click_start if prompt.mask is None else self.correction
         if strategy in ("point", "points+mask"):
-            return prompt
+            return [prompt]
         if strategy == "box_update":
             start = bounding_box(np.asarray(prompt.mask, dtype=bool))
-            return as_box_prompt(prompt, start and updated_box(start, prompt, shape), keep_points=False)
-        box = None
-        if strategy != "mm_box":
-            region = self.region_model().predict(index, prompt).mask
-            extent = np.array([np.ptp(np.flatnonzero(region.any(axis=a))) + 1 if region.any() else 0 for a in (1, 0)])
-            box = bounding_box(region, tuple(self.region_margin_fraction * extent))
+            shape = get_slice(self.image, self.axis, index).shape
+            return [as_box_prompt(prompt, start and updated_box(start, prompt, shape), keep_points=False)]
+        if strategy == "best_box":
+            boxes = [self._region_box(index, prompt, BEST_BOX_REGION_MARGIN)]
+            boxes += [self._mm_box(index, prompt, size) for size in BEST_BOX_SIZES_MM]
+            return [as_box_prompt(prompt, box, keep_points=False) for box in boxes if box is not None] or [prompt]
+        box = self._region_box(index, prompt, self.region_margin_fraction) if strategy != "mm_box" else None
         if box is None:  # mm_box, or a region that came out empty
-            half_px = self.click_box_mm / 2 / np.delete(self.volume.spacing_kji, self.axis)
-            box = box_around_clicks(prompt, shape, tuple(half_px))
-        return as_box_prompt(prompt, box, keep_points=strategy == "region_box+points")
+            box = self._mm_box(index, prompt, self.click_box_mm)
+        return [as_box_prompt(prompt, box, keep_points=strategy == "region_box+points")]
+
+    def _region_box(self, index: int, prompt: SlicePrompt, margin_fraction: float) -> Box | None:
+        """The box of the weight-free region grown from the prompt, grown by a fraction of its size."""
+        region = self.region_model().predict(index, prompt).mask
+        if not region.any():
+            return None
+        extent = np.array([np.ptp(np.flatnonzero(region.any(axis=a))) + 1 for a in (1, 0)])
+        return bounding_box(region, tuple(margin_fraction * extent))
+
+    def _mm_box(self, index: int, prompt: SlicePrompt, size_mm: float) -> Box | None:
+        """A square of ``size_mm`` around the include clicks."""
+        shape = get_slice(self.image, self.axis, index).shape
+        half_px = size_mm / 2 / np.delete(self.volume.spacing_kji, self.axis)
+        return box_around_clicks(prompt, shape, tuple(half_px))
 
     def region_model(self):
         """The weight-free 2D region grower that turns clicks into boxes (made on first use)."""
@@ -398,10 +417,10 @@ class SamSlicePredictor:
 
 def default_strategies(spec: ModelSpec) -> tuple[str, str]:
     """(click start, correction) for a model: SAM's own for point-trained models, boxes otherwise
-    (the defaults measured best for LiteMedSAM, docs/litemedsam.md)."""
+    (measured best for LiteMedSAM on the 20 shared targets, docs/litemedsam.md)."""
     if "points" in spec.trained_prompts:
         return "point", "points+mask"
-    return "region_box", "box_update"
+    return "region_box", "region_box"
 
 
 def open_sam_session(

@@ -41,7 +41,7 @@ from .simulated_user import SimulatedUser, interior_point, slice_areas, slice_sp
 log = logging.getLogger(__name__)
 
 OBJECT_ID = 1
-DEFAULT_MODELS = {"sam2": "sam2.1_hiera_tiny", "slicewise": "sam_vit_b"}
+DEFAULT_MODELS = {"sam2": "sam2.1_hiera_tiny", "slicewise": "litemedsam"}
 
 
 class PeakRss:
@@ -159,8 +159,8 @@ class BenchReport:
             f"memory): ours {self.repeats[0].ours_peak_mb:.0f} MB, baseline {self.repeats[0].baseline_peak_mb:.0f} MB; "
             f"process peak RSS during it (median): ours {m('ours_peak_rss_mb'):.0f} MB, baseline "
             f"{m('baseline_peak_rss_mb'):.0f} MB (RSS sampled from /proc every 5 ms)",
-            f"Dice to the reference (random weights: not an accuracy figure): ours {m('ours_dice'):.3f}, "
-            f"baseline {m('baseline_dice'):.3f}",
+            f"Dice to the reference{' (random weights: not an accuracy figure)' if self.weights == 'random init' else ''}: "
+            f"ours {m('ours_dice'):.3f}, baseline {m('baseline_dice'):.3f}",
         ]
 
 
@@ -218,12 +218,13 @@ def run_benchmark(
     checkpoint: str | None = None,
     device: str | None = "cpu",
     max_slices: int | None = None,
-    stop_mode: str = "target-range",
+    stop_mode: str | None = None,
     patience: int = 2,
     axis: int = 0,
 ) -> BenchReport:
     """Load the case, build the model through the official builder, and measure (see
-    :func:`benchmark_engine`)."""
+    :func:`benchmark_engine`). ``stop_mode`` None: the stop rule with real weights, the target's
+    range with random ones."""
     if engine not in DEFAULT_MODELS:
         raise InputError(f"Benchmark engine must be 'sam2' or 'slicewise'; got {engine!r}.")
     from ..models.builders import build_model
@@ -233,11 +234,18 @@ def run_benchmark(
     if (spec.family == "sam2") != (engine == "sam2"):
         raise InputError(f"Model {spec.name} is a {spec.family} model; it does not fit the {engine} engine.")
     case, volume, reference, slab = load_bench_case(data, case_name, target, max_slices, axis)
+    weights = "checkpoint" if checkpoint else "random init"
+    if spec.family == "litemedsam" and checkpoint is None:  # its real weights are installed: use them
+        from ..models.checkpoint_cache import resolve_checkpoint
+
+        checkpoint, weights = str(resolve_checkpoint(spec)), "real weights (installed)"
     log.info("building %s (%s)", spec.name, "checkpoint " + checkpoint if checkpoint else "random initialisation")
     model = build_model(spec, checkpoint, device, video=engine == "sam2")
+    if stop_mode is None:
+        stop_mode = "target-range" if weights == "random init" else "rule"
     return benchmark_engine(
         engine, model, spec, volume, reference, case_name=case.name, target=target, slab=slab,
-        weights="checkpoint" if checkpoint else "random init", repeats=repeats, device=device,
+        weights=weights, repeats=repeats, device=device,
         stop_mode=stop_mode, patience=patience, axis=axis,
     )
 
@@ -287,8 +295,7 @@ def benchmark_engine(
         stop_mode=("target slices +/- patience, stop rule off (random weights)" if stop_mode == "target-range"
                    else "the engine's stop rule"),
         slab=slab,
-        baseline=("JPEG frames + official SAM2VideoPredictor over every slice (forward, then reverse)"
-                  if engine == "sam2" else "official SamPredictor per slice with box chaining over every slice"),
+        baseline=_baseline_name(engine, spec),
     )
 
     def open_ours() -> Session:
@@ -336,6 +343,8 @@ def benchmark_engine(
         with PeakRss() as memory:
             if engine == "sam2":
                 result = sam2_jpeg_video_pipeline(model, image_uint8, axis, prompt)
+            elif spec.family == "litemedsam":
+                result = litemedsam_upstream(model, volume, reference, axis)
             else:
                 result = sam_box_chaining_pipeline(model, image_uint8, axis, prompt)
         return dict(baseline_seconds=result.seconds, baseline_encoded=result.slices_encoded,
@@ -350,6 +359,31 @@ def benchmark_engine(
         report.repeats.append(RepeatFigures(**figures))
         log.info("repeat %d/%d done", index + 1, repeats)
     return report
+
+
+def _baseline_name(engine: str, spec) -> str:
+    if engine == "sam2":
+        return "JPEG frames + official SAM2VideoPredictor over every slice (forward, then reverse)"
+    if spec.family == "litemedsam":
+        return ("LiteMedSAM's published 3D pipeline, given the z-range and the box on its middle slice "
+                "from the reference (our engine is given neither)")
+    return "official SamPredictor per slice with box chaining over every slice"
+
+
+def litemedsam_upstream(model, volume: Volume, reference: np.ndarray, axis: int):
+    """Upstream's 3D pipeline (z-range and middle-slice box from the reference) on ``volume``."""
+    from ..data.orientation import radiological_view
+    from .upstream_litemedsam import (
+        StartBox,
+        upstream_3d_pipeline,
+        upstream_intensities,
+    )
+
+    if axis != 0:
+        raise InputError("LiteMedSAM's published 3D pipeline runs along array axis 0 only.")
+    view = radiological_view(volume.ijk_to_ras, 0, volume.shape[1:])
+    image = upstream_intensities(volume.array, volume.modality)
+    return upstream_3d_pipeline(model, image, StartBox.from_reference(reference), view=view, limits="inclusive")
 
 
 def _timed(function, *args) -> float:

@@ -37,7 +37,12 @@ from .simulated_user import SimulatedUser, slice_areas
 log = logging.getLogger(__name__)
 
 OBJECT_ID = 1
-ENGINES = ("oracle", "weightfree", "slicewise", "sam2", "auto")
+ENGINES = ("oracle", "weightfree", "slicewise", "sam2", "auto", "litemedsam-upstream", "litemedsam-oracle-box")
+BASELINES = {
+    "litemedsam-upstream": "LiteMedSAM's published 3D pipeline: box on the middle slice and the z-range from the reference",
+    "litemedsam-oracle-box": "LiteMedSAM with a box from the reference on every slice (the model's ceiling)",
+}
+"""Fixed protocols run on the same weights for comparison; they take no clicks or corrections."""
 
 
 @dataclass(frozen=True)
@@ -114,6 +119,8 @@ def evaluate_target(
     """Rows for round 0..rounds of one target, and the final predicted mask."""
     if not reference.any():
         raise InputError(f"Target {target} is empty in case {case.name}.")
+    if config.engine in BASELINES:
+        return _baseline_rows(config, case, volume, reference, target)
     axis, spacing = config.axis, volume.spacing_kji
     user = SimulatedUser(config.prompt, config.box_jitter, user_seed(config.seed, case.name, target),
                          config.corrections)
@@ -126,7 +133,8 @@ def evaluate_target(
         session.add_prompt(OBJECT_ID, prompt)
         result = session.propagate(OBJECT_ID, config.propagation)
         seconds = time.perf_counter() - started
-        rows.append(_row(config, case, target, volume, reference, result.mask, session, 0, clicks, seconds, ""))
+        rows.append(_row(config, case, target, volume, reference, result.mask, session.engine_name,
+                         session.slices_encoded_total, 0, clicks, seconds, ""))
         for round_index in range(1, config.rounds + 1):
             correction = user.correction(
                 result.mask, reference, axis, anchors=session.anchors(OBJECT_ID).keys(), spacing_kji=spacing
@@ -139,23 +147,49 @@ def evaluate_target(
                 session.add_prompt(OBJECT_ID, correction.prompt)
                 result = session.propagate(OBJECT_ID, config.propagation)
                 seconds += time.perf_counter() - started
-            rows.append(_row(config, case, target, volume, reference, result.mask, session, round_index,
-                             clicks, seconds, note))
+            rows.append(_row(config, case, target, volume, reference, result.mask, session.engine_name,
+                             session.slices_encoded_total, round_index, clicks, seconds, note))
         return rows, result.mask
     finally:
         session.close()
 
 
-def _row(config, case, target, volume, reference, mask, session, round_index, clicks, seconds, note):
+def _baseline_rows(config: EvaluationConfig, case: Case, volume: Volume, reference: np.ndarray, target: str):
+    """One row (round 0: it takes no corrections) for a fixed baseline protocol on LiteMedSAM (see ``BASELINES``)."""
+    from ..data.orientation import radiological_view
+    from ..models.builders import build_model
+    from ..models.checkpoint_cache import resolve_checkpoint
+    from .upstream_litemedsam import (
+        StartBox,
+        oracle_box_every_slice,
+        upstream_3d_pipeline,
+        upstream_intensities,
+    )
+
+    if config.axis != 0:
+        raise InputError(f"The {config.engine} baseline runs along axis 0 only.")
+    model = build_model("litemedsam", resolve_checkpoint("litemedsam", config.checkpoint), config.device or "cpu")
+    image = upstream_intensities(volume.array, volume.modality)
+    view = radiological_view(volume.ijk_to_ras, 0, volume.shape[1:])
+    if config.engine == "litemedsam-upstream":
+        result = upstream_3d_pipeline(model, image, StartBox.from_reference(reference), view=view, limits="inclusive")
+    else:
+        result = oracle_box_every_slice(model, image, reference, view=view)
+    row = _row(config, case, target, volume, reference, result.mask, config.engine, result.slices_encoded,
+               0, 1, result.seconds, BASELINES[config.engine])
+    return [row], result.mask
+
+
+def _row(config, case, target, volume, reference, mask, engine, slices_encoded, round_index, clicks, seconds, note):
     metrics = evaluate_masks(mask, reference, volume.spacing_kji, config.nsd_tolerance_mm)
     return EvaluationRow(
-        dataset=case.dataset, case=case.name, target=target, engine=session.engine_name,
+        dataset=case.dataset, case=case.name, target=target, engine=engine,
         model=config.model or "", prompt=config.prompt, round=round_index, clicks=clicks,
         dice=metrics.dice, nsd=metrics.nsd, nsd_tolerance_mm=metrics.nsd_tolerance_mm,
         hd95_mm=metrics.hd95_mm, prediction_empty=metrics.prediction_empty,
         target_slices=int(np.count_nonzero(slice_areas(reference, config.axis))),
         predicted_slices=int(np.count_nonzero(slice_areas(mask, config.axis))),
-        slices_encoded=int(session.slices_encoded_total), n_slices=volume.n_slices(config.axis),
+        slices_encoded=int(slices_encoded), n_slices=volume.n_slices(config.axis),
         seconds=round(seconds, 3), correction=note,
     )
 
@@ -249,7 +283,8 @@ def summarise(rows: list[EvaluationRow], config: EvaluationConfig) -> str:
         per_target.append(f"| {r.case} | {r.target} | {r.round} | {r.dice:.3f} | {r.nsd:.3f} | {r.hd95_mm:.1f} | "
                           f"{r.target_slices} | {r.predicted_slices} | {r.slices_encoded} |")
     return (
-        f"# Evaluation: engine {config.engine}" + (f", model {config.model}" if config.model else "") + "\n\n"
+        f"# Evaluation: engine(s) {', '.join(sorted({r.engine for r in rows}))}"
+        + (f", model {config.model}" if config.model else "") + "\n\n"
         f"Simulated user: {config.prompt}" + (f" (jitter {config.box_jitter})" if config.prompt == "box" else "")
         + f", {config.rounds} correction round(s) ({config.corrections}), seed {config.seed}, axis {config.axis}.\n"
         f"Metrics on the whole volume: Dice, NSD at {tolerance:g} mm, HD95 in mm; cells are "
