@@ -205,16 +205,16 @@ def sample():
 
 def test_real_model_encodes_only_the_z_range_and_segments_the_lesion(litemedsam, sample):
     image, truth, start = sample
-    narrow = StartBox(start.z_start - 2, start.z_start + 2, start.z_start,
-                      start.row0, start.col0, start.row1, start.col1)
+    z = start.z_start
+    narrow = StartBox(z - 1, z + 1, z, start.row0, start.col0, start.row1, start.col1)
     cache = EmbeddingCache(image)
     inclusive = upstream_3d_pipeline(litemedsam, image, narrow, limits="inclusive", cache=cache)
-    z = start.z_start
-    assert inclusive.slices == (z, z + 1, z + 2, z - 1, z - 2)
+    assert inclusive.slices == (z, z + 1, z - 1)
+    assert np.flatnonzero(inclusive.mask.any(axis=(1, 2))).tolist() == [z - 1, z, z + 1]
     upstream = upstream_3d_pipeline(litemedsam, image, narrow, cache=cache)
-    assert upstream.slices == (z, z + 1, z - 1)
-    assert np.flatnonzero(upstream.mask.any(axis=(1, 2))).tolist() == [z - 1, z, z + 1]
-    assert np.array_equal(upstream.mask[z - 1: z + 2], inclusive.mask[z - 1: z + 2])
+    assert upstream.slices == (z,)  # range(z, z + 1) up, range(z - 1, z - 1, -1) down
+    assert np.flatnonzero(upstream.mask.any(axis=(1, 2))).tolist() == [z]
+    assert np.array_equal(upstream.mask[z], inclusive.mask[z])
     on_start = inclusive.mask[z]
     dice = 2 * (on_start & truth[z]).sum() / (on_start.sum() + truth[z].sum())
     assert dice > 0.7, f"LiteMedSAM missed the synthetic lesion on its start slice (Dice {dice:.2f})"

@@ -183,7 +183,8 @@ def print_means(rows: list[dict], orientations: list[str], columns) -> None:
             ok = ~np.isnan(refs_v)
             if theirs is not None and ok.any():
                 diffs = ours_v[ok] - refs_v[ok]
-                parts.append(f"{mine} {ours_v[ok].mean():.4f}/{refs_v[ok].mean():.4f}/{diffs.mean():+.4f}; "
+                mean_diff = 0.0 if abs(diffs.mean()) < 5e-5 else diffs.mean()  # no "-0.0000"
+                parts.append(f"{mine} {ours_v[ok].mean():.4f}/{refs_v[ok].mean():.4f}/{mean_diff:+.4f}; "
                              f"max {np.abs(diffs).max():.4f}")
             elif (~np.isnan(ours_v)).any():
                 parts.append(f"{mine} {np.nanmean(ours_v):.4f}")
