@@ -31,7 +31,8 @@ def add_parser(subparsers) -> None:
                         help="target-range: propagate over the target's slices +/- patience with the stop rule "
                              "off (random weights cannot judge the end); rule: the engine's stop rule "
                              "(default: rule with real weights, target-range with random ones)")
-    parser.add_argument("--patience", type=int, default=2)
+    parser.add_argument("--patience", type=int,
+                        help="stop rule patience (default: the rule's own with --stop rule, 2 with target-range)")
     parser.set_defaults(run=run)
 
 

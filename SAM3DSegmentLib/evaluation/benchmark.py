@@ -219,7 +219,7 @@ def run_benchmark(
     device: str | None = "cpu",
     max_slices: int | None = None,
     stop_mode: str | None = None,
-    patience: int = 2,
+    patience: int | None = None,
     axis: int = 0,
 ) -> BenchReport:
     """Load the case, build the model through the official builder, and measure (see
@@ -263,7 +263,7 @@ def benchmark_engine(
     repeats: int = 3,
     device: str | None = "cpu",
     stop_mode: str = "target-range",
-    patience: int = 2,
+    patience: int | None = None,
     axis: int = 0,
 ) -> BenchReport:
     """Measure ``engine`` ("sam2" with a ``SAM2VideoPredictor``, or "slicewise" with a SAM
@@ -276,6 +276,8 @@ def benchmark_engine(
         raise InputError("Give at least one repeat.")
     if not reference.any():
         raise InputError("The target mask is empty; nothing to benchmark.")
+    if patience is None:  # the stop rule's own with real weights; 2 slices around the target otherwise
+        patience = StopRule().patience if stop_mode == "rule" else 2
     present = np.flatnonzero(slice_areas(reference, axis))
     n = volume.n_slices(axis)
     lo, hi = max(0, int(present[0]) - patience), min(n - 1, int(present[-1]) + patience)
