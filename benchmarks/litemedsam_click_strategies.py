@@ -34,6 +34,8 @@ caches it). Results and the chosen defaults: docs/click_strategies.md.
    SlicewiseOptions and PropagationOptions, ``--rounds`` corrections) with each start variant
    of this script (including the local ``select ...`` rules) and library correction variant;
    the variants of a case share the slice embeddings.
+5. ``--demo``: best_box's candidates on the demo lesion's click slice (``sam3d demo``'s sample),
+   with their predicted IoU and Dice, and what ``best_box`` and the tolerant variants pick.
 
 Local variants: ``select ...`` runs the decoder on each candidate box and keeps the mask the
 model scores best (predicted IoU) among those that honour the clicks (include inside, exclude
@@ -129,6 +131,11 @@ SELECT_STARTS: dict[str, tuple[str, ...]] = {
     # no better than the library's best_box, which has no click filter.
     "select adaptive": ("region_box m0.1", "region_box m0.2", "mm_box 50 cut", "mm_box 80 cut"),
 }
+# best_box with a tolerance: the first candidate (region box +20 %, then 50 mm, then 80 mm) whose
+# predicted IoU is within delta of the best, so that a bigger box must score clearly better to
+# win (the demo's liver lesion: region box IoU 0.855, Dice 0.945; 50 mm IoU 0.883, Dice 0.497)
+TOLERANT_STARTS = {"best_box d0.02": 0.02, "best_box d0.05": 0.05}
+TOLERANT_CANDIDATES = ("region_box m0.2", "mm_box 50", "mm_box 80")
 # "mm_box X cut": the mm_box, then cut back to leave out exclude clicks (updated_box), so that
 # it honours a second, exclude click as the region boxes do
 CUT_STARTS = {"mm_box 50 cut": "mm_box 50", "mm_box 80 cut": "mm_box 80"}
@@ -177,6 +184,10 @@ def start_mask(predictor: SamSlicePredictor, variant: str, index: int, prompt: S
         if variant == "select adaptive" and len(prompt.points) > 1:
             candidates = candidates[:2]
         return select({n: start_mask(predictor, n, index, prompt) for n in candidates}, prompt)
+    if variant in TOLERANT_STARTS:
+        results = [start_mask(predictor, n, index, prompt) for n in TOLERANT_CANDIDATES]
+        best = max(r.score for r in results)
+        return next(r for r in results if r.score >= best - TOLERANT_STARTS[variant])
     if variant in CUT_STARTS:
         set_start(predictor, CUT_STARTS[variant])
         box = predictor.model_prompts(index, prompt)[0].box
@@ -266,11 +277,11 @@ def run_target(predictor, case, target, reference, spacing_rc, start_rows, corre
                            "score": result.score, "box": str(box)})
         if name == "tight box (ceiling)":
             encoded = time.perf_counter() - started
-    for variant in [*START_VARIANTS, *SELECT_STARTS]:
+    for variant in [*START_VARIANTS, *SELECT_STARTS, *TOLERANT_STARTS]:
         one = start_mask(predictor, variant, index, first)
         start_rows.append({**base, "strategy": variant, "clicks": 1, "dice": dice2d(one.mask, ref), "score": one.score,
                            "honours": honours(one.mask, first),
-                           "box": "" if variant in SELECT_STARTS else str(predictor.model_prompts(index, first)[0].box)})
+                           "box": "" if variant in SELECT_STARTS or variant in TOLERANT_STARTS else str(predictor.model_prompts(index, first)[0].box)})
         extra = next_click(one.mask, ref, spacing_rc, anchor=True)
         if extra is None:
             two_dice, kind = dice2d(one.mask, ref), "none"
@@ -347,7 +358,7 @@ def summary(start_rows: list[dict], correction_rows: list[dict], box3d_rows: lis
     targets = sorted({(r["case"], r["target"]) for r in start_rows + correction_rows}, key=lambda t: order.index(t[0]))
     lines = [] if not start_rows else ["## Start: slice Dice on the largest slice (mean, median, min; n targets)", "",
              "| strategy | 1 click mean | median | min | 2 clicks mean | median | min |", "|---|---|---|---|---|---|---|"]
-    names = ["tight box (ceiling)", "tight box +5 px", "tight box +10 %", *START_VARIANTS, *SELECT_STARTS]
+    names = ["tight box (ceiling)", "tight box +5 px", "tight box +10 %", *START_VARIANTS, *SELECT_STARTS, *TOLERANT_STARTS]
     for name in names if start_rows else ():
         cells = []
         for clicks in (1, 2):
@@ -508,6 +519,25 @@ def eval3d(args, model, cases, out: Path) -> None:
     print(text)
 
 
+def demo_check(model, device: str) -> None:
+    """``--demo``: best_box's candidates on the demo lesion's click slice (the sample volume):
+    each candidate's predicted IoU and Dice, and what each tolerance picks."""
+    from SAM3DSegmentLib.data.prompts import prompt_from_voxels
+    from SAM3DSegmentLib.data.sample_volume import make_sample
+
+    sample = make_sample()
+    predictor = SamSlicePredictor(sample.volume, AXIS, model, "litemedsam", device)
+    prompt = prompt_from_voxels(AXIS, positive_kji=[sample.click_kji])
+    ref = get_slice(sample.truth, AXIS, prompt.index)
+    results = []
+    for name in TOLERANT_CANDIDATES:
+        result = start_mask(predictor, name, prompt.index, prompt)
+        results.append((name, result.score, dice2d(result.mask, ref)))
+        print(f"{name}: predicted IoU {result.score:.3f}, Dice {results[-1][2]:.3f}")
+    for variant in ("best_box", *TOLERANT_STARTS):
+        print(f"{variant}: Dice {dice2d(start_mask(predictor, variant, prompt.index, prompt).mask, ref):.3f}")
+
+
 def write_csv(rows: list[dict], path: Path) -> None:
     names: list[str] = []
     for row in rows:
@@ -532,6 +562,7 @@ def main() -> None:
     parser.add_argument("--eval3d", metavar="START_VARIANT",
                         help="instead: the 3D evaluation (click start with this variant, default options)")
     parser.add_argument("--rounds", type=int, default=0, help="correction rounds of --eval3d")
+    parser.add_argument("--demo", action="store_true", help="instead: best_box's candidates on the demo lesion")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     import torch
@@ -543,6 +574,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = build_model("litemedsam", resolve_checkpoint("litemedsam"), args.device)
+    if args.demo:
+        return demo_check(model, args.device)
     cases = select_cases(open_dataset(args.data), [c for c in args.cases.split(",") if c])
     if args.eval3d:
         return eval3d(args, model, cases, out)
