@@ -105,6 +105,19 @@ class SliceView:
         return replace(prompt, points=points, box=box, mask=mask)
 
 
+ORIENTATIONS: tuple[str, ...] = ("radiological", "array")
+
+
+def model_view(orientation: str, ijk_to_ras: np.ndarray | None, axis: int, slice_shape: tuple[int, int]) -> SliceView:
+    """The view a model gets: "radiological" (needs the IJK-to-RAS matrix; without one the raw
+    slice) or "array" (the raw slice)."""
+    if orientation not in ORIENTATIONS:
+        raise InputError(f"orientation must be 'radiological' or 'array'; got {orientation!r}.")
+    if orientation == "radiological" and ijk_to_ras is not None:
+        return radiological_view(ijk_to_ras, axis, slice_shape)
+    return SliceView((int(slice_shape[0]), int(slice_shape[1])))
+
+
 def radiological_view(ijk_to_ras: np.ndarray, axis: int, slice_shape: tuple[int, int]) -> SliceView:
     """The view that shows slices along array ``axis`` in the radiological orientation (table above)."""
     if axis not in (0, 1, 2):

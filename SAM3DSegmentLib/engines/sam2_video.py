@@ -30,10 +30,10 @@ from typing import Any, Callable
 import numpy as np
 
 from ..data.intensity import WindowSpec
-from ..data.orientation import radiological_view
+from ..data.orientation import model_view
 from ..data.prompts import SlicePrompt, box_xyxy, points_xy
 from ..data.volume import Volume, get_slice
-from ..errors import CheckpointError, DependencyError, InputError, ModelOutOfMemoryError
+from ..errors import CheckpointError, DependencyError, ModelOutOfMemoryError
 from ..models.devices import autocast_context, select_device
 from ..models.registry import ModelSpec
 from ..models.sam2_frames import Sam2Frames
@@ -110,10 +110,7 @@ class Sam2Session(Session):
         self.device = device if isinstance(device, torch.device) else select_device(device)
         self.model = model.to(self.device).eval()
         self.spec = spec
-        if orientation not in ("radiological", "array"):
-            raise InputError(f"orientation must be 'radiological' or 'array'; got {orientation!r}.")
-        shape = get_slice(volume.array, axis, 0).shape
-        view = radiological_view(volume.ijk_to_ras, axis, shape) if orientation == "radiological" else None
+        view = model_view(orientation, volume.ijk_to_ras, axis, get_slice(volume.array, axis, 0).shape)
         self.frames = Sam2Frames(volume, axis, spec, window, view)
         self.cache = FeatureCache(cache_budget_bytes)
         self.offload_features_to_cpu = offload_features_to_cpu

@@ -30,7 +30,7 @@ from typing import Literal
 import numpy as np
 
 from ..data.intensity import WindowSpec, window_volume
-from ..data.orientation import SliceView, radiological_view
+from ..data.orientation import model_view
 from ..data.prompts import Box, SlicePrompt, box_xyxy, points_xy
 from ..data.volume import Volume, get_slice
 from ..errors import (
@@ -131,8 +131,6 @@ class SamSlicePredictor:
                 f"Model '{self.spec.name}' is a SAM 2 model; use the sam2 engine for it, "
                 "or pick a SAM / MedSAM / LiteMedSAM model for the slicewise engine."
             )
-        if orientation not in ("radiological", "array"):
-            raise InputError(f"orientation must be 'radiological' or 'array'; got {orientation!r}.")
         if window_mode not in ("single", "three_slice"):
             raise InputError(f"window_mode must be 'single' or 'three_slice'; got {window_mode!r}.")
         if axis not in (0, 1, 2):
@@ -143,11 +141,7 @@ class SamSlicePredictor:
         slice_shape = get_slice(self.image, axis, 0).shape
         if isinstance(image, Volume):
             ijk_to_ras = image.ijk_to_ras
-        self.view = (
-            radiological_view(ijk_to_ras, axis, slice_shape)
-            if orientation == "radiological" and ijk_to_ras is not None
-            else SliceView(slice_shape)
-        )
+        self.view = model_view(orientation, ijk_to_ras, axis, slice_shape)
         self.window_mode = window_mode
         self.multimask_single_click = multimask_single_click
         self.device = device if isinstance(device, torch.device) else select_device(device)

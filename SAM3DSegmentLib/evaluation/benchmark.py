@@ -290,6 +290,7 @@ def benchmark_engine(
     prompt = user.initial_prompt(reference, axis, volume.spacing_kji)
     image_uint8 = window_volume(volume.array, WindowSpec(), volume.modality)
     from .baselines import sam2_jpeg_video_pipeline, sam_box_chaining_pipeline
+    from .upstream_litemedsam import run_on_volume
 
     report = BenchReport(
         engine=engine, model=spec.name, weights=weights, case=case_name, target=target, n_slices=n, slice_shape=tuple(get_slice(reference, axis, 0).shape),
@@ -346,7 +347,9 @@ def benchmark_engine(
             if engine == "sam2":
                 result = sam2_jpeg_video_pipeline(model, image_uint8, axis, prompt)
             elif spec.family == "litemedsam":
-                result = litemedsam_upstream(model, volume, reference, axis)
+                if axis != 0:
+                    raise InputError("LiteMedSAM's published 3D pipeline runs along array axis 0 only.")
+                result = run_on_volume(model, volume, reference, "upstream")
             else:
                 result = sam_box_chaining_pipeline(model, image_uint8, axis, prompt)
         return dict(baseline_seconds=result.seconds, baseline_encoded=result.slices_encoded,
@@ -370,22 +373,6 @@ def _baseline_name(engine: str, spec) -> str:
         return ("LiteMedSAM's published 3D pipeline, given the z-range and the box on its middle slice "
                 "from the reference (our engine is given neither)")
     return "official SamPredictor per slice with box chaining over every slice"
-
-
-def litemedsam_upstream(model, volume: Volume, reference: np.ndarray, axis: int):
-    """Upstream's 3D pipeline (z-range and middle-slice box from the reference) on ``volume``."""
-    from ..data.orientation import radiological_view
-    from .upstream_litemedsam import (
-        StartBox,
-        upstream_3d_pipeline,
-        upstream_intensities,
-    )
-
-    if axis != 0:
-        raise InputError("LiteMedSAM's published 3D pipeline runs along array axis 0 only.")
-    view = radiological_view(volume.ijk_to_ras, 0, volume.shape[1:])
-    image = upstream_intensities(volume.array, volume.modality)
-    return upstream_3d_pipeline(model, image, StartBox.from_reference(reference), view=view, limits="inclusive")
 
 
 def _timed(function, *args) -> float:

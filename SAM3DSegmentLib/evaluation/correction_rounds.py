@@ -156,25 +156,15 @@ def evaluate_target(
 
 def _baseline_rows(config: EvaluationConfig, case: Case, volume: Volume, reference: np.ndarray, target: str):
     """One row (round 0: it takes no corrections) for a fixed baseline protocol on LiteMedSAM (see ``BASELINES``)."""
-    from ..data.orientation import radiological_view
     from ..models.builders import build_model
     from ..models.checkpoint_cache import resolve_checkpoint
-    from .upstream_litemedsam import (
-        StartBox,
-        oracle_box_every_slice,
-        upstream_3d_pipeline,
-        upstream_intensities,
-    )
+    from .upstream_litemedsam import run_on_volume
 
     if config.axis != 0:
         raise InputError(f"The {config.engine} baseline runs along axis 0 only.")
     model = build_model("litemedsam", resolve_checkpoint("litemedsam", config.checkpoint), config.device or "cpu")
-    image = upstream_intensities(volume.array, volume.modality)
-    view = radiological_view(volume.ijk_to_ras, 0, volume.shape[1:])
-    if config.engine == "litemedsam-upstream":
-        result = upstream_3d_pipeline(model, image, StartBox.from_reference(reference), view=view, limits="inclusive")
-    else:
-        result = oracle_box_every_slice(model, image, reference, view=view)
+    protocol = "upstream" if config.engine == "litemedsam-upstream" else "oracle"
+    result = run_on_volume(model, volume, reference, protocol)
     row = _row(config, case, target, volume, reference, result.mask, config.engine, result.slices_encoded,
                0, 1, result.seconds, BASELINES[config.engine])
     return [row], result.mask

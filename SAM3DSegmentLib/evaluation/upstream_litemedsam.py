@@ -49,8 +49,9 @@ from typing import Literal
 
 import numpy as np
 
-from ..data.orientation import SliceView
+from ..data.orientation import SliceView, radiological_view
 from ..data.prompts import Box
+from ..data.volume import Volume
 from ..errors import InputError
 
 log = logging.getLogger(__name__)
@@ -392,3 +393,17 @@ def oracle_box_every_slice(
         if box is not None:
             masks[int(z)] = runner.segment(int(z), box)
     return runner.result(masks, started)
+
+
+def run_on_volume(model, volume: Volume, reference_kji: np.ndarray, protocol: str = "upstream") -> UpstreamResult:
+    """A baseline on a :class:`Volume` along array axis 0, as the reference figures were made:
+    upstream's intensities, the radiological view, and ``protocol`` "upstream" (the 3D pipeline
+    with the reference's z-range and middle-slice box, end slices included) or "oracle" (a box
+    from the reference on every slice)."""
+    if protocol not in ("upstream", "oracle"):
+        raise InputError(f"protocol must be 'upstream' or 'oracle'; got {protocol!r}.")
+    image = upstream_intensities(volume.array, volume.modality)
+    view = radiological_view(volume.ijk_to_ras, 0, volume.shape[1:])
+    if protocol == "oracle":
+        return oracle_box_every_slice(model, image, reference_kji, view=view)
+    return upstream_3d_pipeline(model, image, StartBox.from_reference(reference_kji), view=view, limits="inclusive")
