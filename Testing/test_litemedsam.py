@@ -133,10 +133,11 @@ def parity_case(model, volume: Volume, truth: np.ndarray, orientation: str):
     k = int(np.argmax(truth.sum(axis=(1, 2))))
     predictor = SamSlicePredictor(volume, 0, model, "litemedsam", "cpu", WindowSpec(), orientation=orientation,
                                   precision="float32")
-    ours = predictor.predict(k, SlicePrompt(0, k, box=tight_box(truth[k]))).mask
+    prompt = SlicePrompt(0, k, box=tight_box(truth[k]))
+    ours = predictor.predict(k, prompt).mask
     view = predictor.view
     grey = view.to_view(window_volume(volume.array, WindowSpec(), volume.modality)[k])
-    box = view.box_to_view(tight_box(truth[k]))
+    box = view.box_to_view(predictor.model_prompts(k, prompt)[0].box)  # the user's box, padded
     reference = view.from_view(upstream_slice_mask(model, grey, np.array([box.col0, box.row0, box.col1, box.row1])))
     return ours, reference, truth[k]
 
@@ -147,6 +148,15 @@ def test_slice_mask_equals_upstream_inference_on_a_non_square_slice(model, orien
     ours, reference, truth = parity_case(model, sample.volume, sample.truth, orientation)
     assert reference.any() and np.array_equal(ours, reference)
     assert 2 * (ours & truth).sum() / (ours.sum() + truth.sum()) > 0.8
+
+
+def test_a_users_box_is_padded_by_five_model_pixels(model):
+    sample = make_sample(shape_kji=(8, 88, 100))  # longest side 100 -> 256: 5 model px = 1.95 px
+    predictor = SamSlicePredictor(sample.volume, 0, model, "litemedsam", "cpu", WindowSpec())
+    given = Box(20.0, 30.0, 60.0, 99.0)
+    (padded,) = predictor.model_prompts(3, SlicePrompt(0, 3, box=given))
+    pad = 5 * 100 / 256
+    assert padded.box == Box(20.0 - pad, 30.0 - pad, 60.0 + pad, 99.0)  # clipped at the slice's edge
 
 
 @pytest.mark.skipif(not (DATA / "ct_spleen_msd08").is_dir(), reason="needs ../shared/data/ct_spleen_msd08")
@@ -216,3 +226,27 @@ def test_a_reoriented_volume_gives_the_same_segmentation_in_ras(model):
     ]:
         volume, truth = reoriented(sample.volume, sample.truth, order, flips)
         assert segment_in_ras(model, volume, truth, slice_axis) == original, (order, flips)
+
+
+def test_a_click_on_the_demo_lesion_gives_the_lesion_not_the_organ_around_it(model, monkeypatch):
+    """best_box decodes the region box, a 50 mm and an 80 mm square; the organ's box scores a
+    slightly higher predicted IoU, and only the tolerance keeps the lesion
+    (docs/click_strategies.md). The default start, region_box, keeps it too."""
+    from SAM3DSegmentLib.data.prompts import Point
+    from SAM3DSegmentLib.engines import sam_slice_predictor
+
+    sample = make_sample()
+    k, j, i = sample.click_kji
+    predictor = SamSlicePredictor(sample.volume, 0, model, "litemedsam", "cpu", WindowSpec())
+    assert (predictor.click_start, predictor.correction) == ("region_box", "region_box")
+    click = SlicePrompt(0, k, points=(Point(float(j), float(i), True),))
+    truth = sample.truth[k]
+
+    def dice(mask):
+        return 2 * (mask & truth).sum() / (mask.sum() + truth.sum())
+
+    assert dice(predictor.predict(k, click).mask) > 0.85
+    predictor.click_start = "best_box"
+    assert dice(predictor.predict(k, click).mask) > 0.85
+    monkeypatch.setattr(sam_slice_predictor, "CANDIDATE_TOLERANCE", 0.0)  # the plain maximum
+    assert dice(predictor.predict(k, click).mask) < 0.6

@@ -58,6 +58,15 @@ def bounding_box(mask: np.ndarray, margin_px: tuple[float, float] = (0.0, 0.0)) 
     )
 
 
+def padded_box(box: Box, padding_px: tuple[float, float], shape: tuple[int, int]) -> Box:
+    """``box`` grown by ``padding_px`` (rows, cols) on each side, clipped to a slice of ``shape``."""
+    b = box.normalised()
+    return Box(
+        max(0.0, b.row0 - padding_px[0]), max(0.0, b.col0 - padding_px[1]),
+        min(shape[0] - 1.0, b.row1 + padding_px[0]), min(shape[1] - 1.0, b.col1 + padding_px[1]),
+    )
+
+
 def box_around_clicks(prompt: SlicePrompt, shape: tuple[int, int], half_size_px: tuple[float, float]) -> Box | None:
     """A box of ``2 * half_size_px`` around the include clicks (None without one)."""
     positive = [p for p in prompt.points if p.positive]

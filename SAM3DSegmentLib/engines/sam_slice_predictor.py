@@ -24,7 +24,7 @@ budget); a click on an encoded slice runs the prompt encoder and mask decoder on
 from __future__ import annotations
 
 import logging
-from dataclasses import fields
+from dataclasses import fields, replace
 from typing import Literal
 
 import numpy as np
@@ -49,6 +49,7 @@ from .box_prompts import (
     bounding_box,
     box_around_clicks,
     check_strategies,
+    padded_box,
     updated_box,
 )
 from .feature_cache import FeatureCache
@@ -61,7 +62,12 @@ WindowMode = Literal["single", "three_slice"]
 Orientation = Literal["radiological", "array"]
 BEST_BOX_REGION_MARGIN = 0.2
 BEST_BOX_SIZES_MM = (50.0, 80.0)
-"""``best_box`` candidates: the weight-free region's box grown by 20 %, and squares of 50 and 80 mm."""
+"""``best_box`` candidates, in order: the weight-free region's box grown by 20 %, and squares of
+50 and 80 mm."""
+CANDIDATE_TOLERANCE = 0.05
+"""Among candidate prompts the first whose predicted IoU is within this of the best wins: a bigger
+box must score clearly better to replace a smaller one (keeps a clicked lesion from becoming
+the organ around it; measured in docs/click_strategies.md)."""
 DEFAULT_CACHE_BUDGET = 1024**3
 """1 GiB: 256 SAM embeddings (256 x 64 x 64 float32 = 4 MiB each)."""
 MASK_PROMPT_LOGIT = 10.0
@@ -284,7 +290,8 @@ class SamSlicePredictor:
             with torch.inference_mode(), autocast_context(self.device, self.bfloat16):
                 results = [self._decode(features, self.view.prompt_to_view(c), previous_logits, self.view.view_shape)
                            for c in candidates]
-            result = max(results, key=lambda r: r.score)  # the model's own predicted IoU picks
+            best = max(r.score for r in results)  # the model's own predicted IoU picks
+            result = next(r for r in results if r.score >= best - CANDIDATE_TOLERANCE)
         except Exception as exc:
             if _is_out_of_memory(exc):
                 raise _out_of_memory(exc, self.device) from exc
@@ -297,15 +304,23 @@ class SamSlicePredictor:
     def model_prompts(self, index: int, prompt: SlicePrompt) -> list[SlicePrompt]:
         """The user's prompt as the model is given it, as one or more candidates (the model's
         predicted IoU picks among several): clicks become boxes on box-trained models
-        (:mod:`box_prompts`); a box, or a mask without clicks, goes as it is."""
-        if prompt.box is not None or not prompt.points:
+        (:mod:`box_prompts`); a box is padded as the model's registry entry says; a mask without
+        clicks goes as it is."""
+        shape = get_slice(self.image, self.axis, index).shape
+        if prompt.box is not None:
+            if not self.spec.box_padding:
+                return [prompt]
+            # the model frame's pixels in this slice's pixels (after the radiological transpose
+            # the longest side is still the one scaled to the input size)
+            pad = self.spec.box_padding * max(shape) / self.input_size
+            return [replace(prompt, box=padded_box(prompt.box, (pad, pad), shape))]
+        if not prompt.points:
             return [prompt]
         strategy = self.click_start if prompt.mask is None else self.correction
         if strategy in ("point", "points+mask"):
             return [prompt]
         if strategy == "box_update":
             start = bounding_box(np.asarray(prompt.mask, dtype=bool))
-            shape = get_slice(self.image, self.axis, index).shape
             return [as_box_prompt(prompt, start and updated_box(start, prompt, shape), keep_points=False)]
         if strategy == "best_box":
             boxes = [self._region_box(index, prompt, BEST_BOX_REGION_MARGIN)]
