@@ -31,3 +31,7 @@ class ModelOutOfMemoryError(SAM3DError, MemoryError):
 
 class PropagationCancelled(SAM3DError):
     """The user cancelled a propagation; nothing was changed."""
+
+
+class ServerError(SAM3DError):
+    """A segmentation server could not be reached, refused the request, or stopped mid-request."""

@@ -104,7 +104,7 @@ def test_mask_file_as_the_prompt(sample_file, tmp_path, capsys):
         ([], "at least one --point"),
         (["--point", "50,40,10", "--window", "bright"], "Unknown window"),
         (["--point", "50,40,10", "--engine", "sam2"], "sam3d models download"),
-        (["--point", "50,40,10", "--slice-range", "20,5"], "empty"),
+        (["--point", "50,40,10", "--slice-range", "20,5"], "FIRST <= LAST"),
     ],
 )
 def test_bad_input_exits_2_with_a_clear_message(sample_file, tmp_path, capsys, arguments, message):

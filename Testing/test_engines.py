@@ -85,8 +85,12 @@ def test_given_checkpoint_is_used_and_its_model_recognised_by_file_name(tmp_path
     path.write_bytes(b"x")
     choice = choose_engine("auto", checkpoint=path)
     assert (choice.engine, choice.spec.name, choice.checkpoint_path) == ("slicewise", "sam_vit_b", path)
+    unknown = tmp_path / "my_model.pt"
+    unknown.write_bytes(b"x")
     with pytest.raises(InputError, match="--model"):
-        choose_engine("auto", checkpoint=tmp_path / "my_model.pt")
+        choose_engine("auto", checkpoint=unknown)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        choose_engine("auto", checkpoint=tmp_path / "absent.pt")
 
 
 def test_explicit_engines_need_their_checkpoint():

@@ -1,4 +1,8 @@
-"""The ``sam3d`` command line: one module per subcommand beside this one."""
+"""The ``sam3d`` command line: one module per subcommand beside this one.
+
+Exit codes: 0 done; 2 bad input the user can fix (the library's own errors and argparse's usage
+errors), with one message saying what to do; 130 interrupted; 1 (a traceback) is a bug to report.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ import sys
 from ..errors import SAM3DError
 
 # One module per subcommand in this package; each defines add_parser(subparsers).
-COMMANDS: tuple[str, ...] = ("segment", "demo", "models", "eval", "bench")
+COMMANDS: tuple[str, ...] = ("segment", "demo", "models", "eval", "bench", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -86,6 +86,20 @@ def parse_engine_options(items: list[str]) -> dict:
     return options
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """InputError for numbers out of range and an --out folder that cannot be written, before any work."""
+    from ..data.volume_files import check_output_folder
+    from ..errors import InputError
+
+    if args.rounds < 0:
+        raise InputError(f"--rounds {args.rounds}: give 0 or more correction rounds.")
+    if not args.nsd_tolerance > 0:
+        raise InputError(f"--nsd-tolerance {args.nsd_tolerance}: give a tolerance in mm above 0.")
+    if not 0 <= args.box_jitter <= 1:
+        raise InputError(f"--box-jitter {args.box_jitter}: give a fraction of the box size from 0 to 1.")
+    check_output_folder(args.out, "the results (--out)")
+
+
 def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
     from pathlib import Path
@@ -100,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
     )
     from ..evaluation.datasets import open_dataset, select_cases
 
+    check_arguments(args)
     stop = {}
     if args.min_area is not None:
         stop["min_area"] = args.min_area

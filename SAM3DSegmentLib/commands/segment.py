@@ -43,8 +43,12 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--ras", action="store_true", help="coordinates are RAS millimetres, not IJK indices")
     parser.add_argument("--out", required=True, metavar="SEG", help="output: .seg.nrrd, .nii.gz, .nii or .nrrd")
     add_engine_arguments(parser)
+    parser.add_argument("--server", metavar="URL",
+                        help="segment on a `sam3d serve` server (the URL it printed) instead of in this process")
+    parser.add_argument("--token-file", metavar="FILE", help="the server's token file (with --server)")
     parser.add_argument("--axis", default="k", choices=sorted(AXES),
-                        help="propagation axis: k (default; axial for axial scans), j or i")
+                        help="propagation axis: k (default; axial for axial scans), j or i; the digits "
+                             "0, 1, 2 are array axes, so 0 = k, 1 = j, 2 = i (not the order of I,J,K)")
     parser.add_argument("--direction", default="both", choices=("both", "forward", "backward"),
                         help="forward = increasing slice index")
     parser.add_argument("--slice-range", metavar="FIRST,LAST", help="inclusive slice range to fill")
@@ -129,6 +133,7 @@ def build_prompt(volume, axis: int, points, negatives, box, ras: bool, mask_labe
         values = parse_numbers(box, 6, "--box")
         corners = (to_kji(volume, values[:3], ras), to_kji(volume, values[3:], ras))
     _check_inside(volume, positive + negative + list(corners or ()), ras)
+    _check_clicks(positive, negative, corners, axis, box)
     object_mask = None if mask_labels is None else mask_labels != 0
     if object_mask is not None and not object_mask.any():
         raise InputError("The --mask file is empty (all zero); paint the object or drop --mask.")
@@ -160,6 +165,38 @@ def _check_inside(volume, kji_points, ras: bool) -> None:
                 + ("Check the RAS coordinates (Slicer shows them in the data probe)." if ras
                    else "IJK indices are zero-based; use --ras for millimetres.")
             )
+
+
+def _check_clicks(positive, negative, corners, axis: int, box_text) -> None:
+    """PromptError, in the user's I,J,K terms, for a voxel both included and excluded or a flat box."""
+    included = {tuple(int(round(c)) for c in kji) for kji in positive}
+    for kji in negative:
+        voxel = tuple(int(round(c)) for c in kji)
+        if voxel in included:
+            k, j, i = voxel
+            raise PromptError(f"--point and --negative name the same voxel (i,j,k {i},{j},{k}); remove one of them.")
+    in_slice = [a for a in (2, 1, 0) if a != axis]  # array axes, in I,J,K order
+    narrow = [a for a in in_slice if corners is not None and abs(corners[1][a] - corners[0][a]) < 1]
+    if narrow:
+        raise PromptError(
+            f"--box {box_text} is less than one voxel wide along {' and '.join('KJI'[a] for a in narrow)}: "
+            f"give two opposite corners of a box on one slice along {'KJI'[axis]}, at least one voxel apart "
+            f"along {' and '.join('KJI'[a] for a in in_slice)}."
+        )
+
+
+def check_slice_range(slice_range, volume, axis: int):
+    """The (first, last) slice range as integers inside the volume, or an InputError."""
+    if slice_range is None:
+        return None
+    first, last = slice_range
+    count = volume.shape[axis]
+    if first != int(first) or last != int(last) or not 0 <= first <= last < count:
+        raise InputError(
+            f"--slice-range {first:g},{last:g}: give whole slice numbers FIRST <= LAST from 0 to {count - 1} "
+            f"(the slices along {'KJI'[axis]})."
+        )
+    return int(first), int(last)
 
 
 class ProgressBar:
@@ -201,34 +238,45 @@ def write_output(mask: np.ndarray, volume, path: str | Path, name: str) -> Path:
     from ..data import volume_files
 
     path = Path(path)
-    lower = path.name.lower()
-    if not lower.endswith(SEGMENTATION_SUFFIXES):
-        raise InputError(f"--out {path}: use a name ending in {', '.join(SEGMENTATION_SUFFIXES)}.")
-    if lower.endswith(".seg.nrrd"):
+    if path.name.lower().endswith(".seg.nrrd"):
         return volume_files.write_segmentation({1: mask}, volume, path, names={1: name})
     return volume_files.write_label_map(mask, volume, path)
 
 
+def open_remote(args, volume, axis: int, window):
+    """A session on the --server (its own engine, unless --engine / --model name one)."""
+    from ..serving.client import open_remote_session
+
+    if args.checkpoint or args.device != "auto":
+        raise InputError("--checkpoint and --device apply to the server: give them to `sam3d serve`.")
+    session = open_remote_session(args.server, volume, axis, token_file=args.token_file, window=window,
+                                  engine=None if args.engine == "auto" else args.engine, model=args.model)
+    print(f"engine: {session.engine_name} (on the server {args.server})")
+    return session
+
+
 def run(args) -> int:
     from ..data import volume_files
+    from ..data.volume import check_segmentable
     from ..engines.choice import choose_engine, open_session
 
     axis = AXES[args.axis]
     window = parse_window(args.window)
-    slice_range = None
-    if args.slice_range:
-        first, last = parse_numbers(args.slice_range, 2, "--slice-range")
-        slice_range = (int(first), int(last))
-    if not args.out.lower().endswith(SEGMENTATION_SUFFIXES):
-        raise InputError(f"--out {args.out}: use a name ending in {', '.join(SEGMENTATION_SUFFIXES)}.")
-    choice = choose_engine(args.engine, args.model, args.checkpoint)
+    slice_range = parse_numbers(args.slice_range, 2, "--slice-range") if args.slice_range else None
+    volume_files.check_output_path(args.out, SEGMENTATION_SUFFIXES, "the segmentation (--out)")
+    choice = None if args.server else choose_engine(args.engine, args.model, args.checkpoint)
     volume = volume_files.read_volume(args.image, component=args.component)
+    check_segmentable(volume)
+    slice_range = check_slice_range(slice_range, volume, axis)
     labels = volume_files.read_label_map(args.mask, volume) if args.mask else None
     prompt = build_prompt(volume, axis, args.point, args.negative, args.box, args.ras, labels)
     prompt.validate(volume.shape)
-    print(f"engine: {choice.engine} ({choice.reason})")
     started = time.perf_counter()
-    session = open_session(choice, volume, axis, device=args.device, window=window)
+    if args.server:
+        session = open_remote(args, volume, axis, window)
+    else:
+        print(f"engine: {choice.engine} ({choice.reason})")
+        session = open_session(choice, volume, axis, device=args.device, window=window)
     try:
         progress = None if args.no_progress else ProgressBar()
         result = propagate(session, prompt, args.direction, slice_range, args.keep, progress)

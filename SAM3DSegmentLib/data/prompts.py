@@ -8,6 +8,7 @@ the slice's shape. Several prompts on different slices of one object are its anc
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -24,6 +25,11 @@ class Point:
     col: float
     positive: bool = True
 
+    def __post_init__(self) -> None:
+        _check_coordinates(self, ("row", "col"))
+        if self.positive not in (True, False):
+            raise PromptError(f"Point.positive must be True (include) or False (exclude); got {self.positive!r}.")
+
 
 @dataclass(frozen=True)
 class Box:
@@ -34,9 +40,19 @@ class Box:
     row1: float
     col1: float
 
+    def __post_init__(self) -> None:
+        _check_coordinates(self, ("row0", "col0", "row1", "col1"))
+
     def normalised(self) -> "Box":
         return Box(min(self.row0, self.row1), min(self.col0, self.col1),
                    max(self.row0, self.row1), max(self.col0, self.col1))
+
+
+def _check_coordinates(prompt, names: tuple[str, ...]) -> None:
+    values = [getattr(prompt, name) for name in names]
+    if not all(isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_)) and np.isfinite(v) for v in values):
+        given = ", ".join(f"{name}={value!r}" for name, value in zip(names, values))
+        raise PromptError(f"{type(prompt).__name__} needs finite numbers (pixel coordinates); got {given}.")
 
 
 @dataclass(frozen=True, eq=False)
@@ -63,20 +79,28 @@ class SlicePrompt:
         return self.mask is not None and not self.points and self.box is None
 
     def merged(self, other: "SlicePrompt") -> "SlicePrompt":
-        """This prompt with ``other``'s points added; ``other``'s box and mask replace ours."""
+        """This prompt with ``other``'s points added (a new click replaces an earlier one on the
+        same pixel); ``other``'s box and mask replace ours."""
         if (other.axis, other.index) != (self.axis, self.index):
             raise PromptError("Only prompts on the same slice can be merged.")
+        clicked = {_pixel(p) for p in other.points}
         return replace(
             self,
-            points=self.points + other.points,
+            points=tuple(p for p in self.points if _pixel(p) not in clicked) + other.points,
             box=other.box if other.box is not None else self.box,
             mask=other.mask if other.mask is not None else self.mask,
         )
 
     def validate(self, volume_shape: tuple[int, int, int]) -> None:
         """Raise :class:`PromptError` with advice if this prompt cannot be used on the volume."""
-        if self.axis not in (0, 1, 2):
-            raise PromptError(f"Prompt axis must be 0, 1 or 2 (array axes k, j, i); got {self.axis}.")
+        if self.axis not in (0, 1, 2) or isinstance(self.axis, bool):
+            raise PromptError(f"Prompt axis must be 0, 1 or 2 (array axes k, j, i); got {self.axis!r}.")
+        if not isinstance(self.index, numbers.Integral) or isinstance(self.index, bool):
+            raise PromptError(f"Prompt slice index must be an integer; got {self.index!r}.")
+        if not all(isinstance(p, Point) for p in self.points) or (
+            self.box is not None and not isinstance(self.box, Box)
+        ):
+            raise PromptError("Prompt points must be Point(row, col) objects and its box a Box(row0, col0, row1, col1).")
         n_slices = volume_shape[self.axis]
         if not 0 <= self.index < n_slices:
             raise PromptError(
@@ -90,15 +114,27 @@ class SlicePrompt:
                     f"Point (row {p.row:g}, col {p.col:g}) is outside the {rows} x {cols} slice. "
                     "Click inside the image."
                 )
+        included = {_pixel(p) for p in self.points if p.positive}
+        for p in self.points:
+            if not p.positive and _pixel(p) in included:
+                raise PromptError(
+                    f"The pixel (row {_pixel(p)[0]}, col {_pixel(p)[1]}) is both an include and an exclude click; "
+                    "remove one of them."
+                )
         if self.box is not None:
             b = self.box.normalised()
+            where = f"rows {b.row0:g}..{b.row1:g}, cols {b.col0:g}..{b.col1:g}"
             if b.row1 - b.row0 < 1 or b.col1 - b.col0 < 1:
                 raise PromptError(
-                    f"Box {b} is degenerate (less than one pixel wide or high). Drag a larger box."
+                    f"The box ({where}) is degenerate: less than one pixel wide or high. Drag a larger box."
                 )
             if b.row1 < 0 or b.col1 < 0 or b.row0 > rows - 1 or b.col0 > cols - 1:
-                raise PromptError(f"Box {b} lies outside the {rows} x {cols} slice.")
+                raise PromptError(f"The box ({where}) lies outside the {rows} x {cols} slice.")
         if self.mask is not None:
+            if not isinstance(self.mask, np.ndarray) or not (
+                self.mask.dtype == bool or np.isin(self.mask, (0, 1)).all()
+            ):
+                raise PromptError("A mask prompt must be a boolean (or 0/1) array of the slice's shape.")
             if self.mask.shape != (rows, cols):
                 raise PromptError(
                     f"Mask prompt has shape {self.mask.shape}, but slices along "
@@ -112,6 +148,10 @@ class SlicePrompt:
             raise PromptError(
                 "The prompt has no positive input: add an include click, a box, or a non-empty mask."
             )
+
+
+def _pixel(point: Point) -> tuple[int, int]:
+    return round(point.row), round(point.col)
 
 
 def slice_shape(volume_shape: tuple[int, int, int], axis: int) -> tuple[int, int]:

@@ -23,6 +23,8 @@ import numpy as np
 from ..errors import InputError
 
 AXIS_NAMES = {0: "K", 1: "J", 2: "I"}
+SPACING_RANGE_MM = (1e-3, 100.0)
+"""Voxel sizes outside this range are taken as a header in the wrong units, not as an image."""
 
 
 def slice_index_tuple(axis: int, index: int) -> tuple:
@@ -73,13 +75,30 @@ class Volume:
     modality: str | None = None
 
     def __post_init__(self) -> None:
-        self.ijk_to_ras = np.asarray(self.ijk_to_ras, dtype=float)
+        if not isinstance(self.array, np.ndarray) or not (
+            np.issubdtype(self.array.dtype, np.number) or self.array.dtype == bool
+        ) or np.iscomplexobj(self.array):
+            raise InputError(f"Volume '{self.name}' needs a numpy array of real numbers as its image.")
         if self.array.ndim != 3:
             raise InputError(
                 f"Volume '{self.name}' has {self.array.ndim} dimensions; a 3D scalar volume is needed."
             )
+        if 0 in self.array.shape:
+            raise InputError(f"Volume '{self.name}' has shape {self.array.shape}: an axis of size 0 holds no voxels.")
+        try:
+            self.ijk_to_ras = np.asarray(self.ijk_to_ras, dtype=float)
+        except (TypeError, ValueError) as exc:
+            raise InputError("ijk_to_ras must be a 4x4 matrix of numbers.") from exc
         if self.ijk_to_ras.shape != (4, 4):
             raise InputError("ijk_to_ras must be a 4x4 matrix.")
+        columns = self.ijk_to_ras[:3, :3]
+        lengths = np.linalg.norm(columns, axis=0)
+        if (not np.all(np.isfinite(self.ijk_to_ras)) or np.any(lengths == 0)
+                or abs(np.linalg.det(columns / np.where(lengths == 0, 1, lengths))) < 1e-6):
+            raise InputError(
+                f"Volume '{self.name}' has an unusable IJK-to-RAS matrix (not finite, or an axis of zero "
+                "length); fix the image's spacing and direction."
+            )
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -112,3 +131,30 @@ class Volume:
         homogeneous = np.c_[kji[:, ::-1], np.ones(len(kji))]
         ras = (self.ijk_to_ras @ homogeneous.T).T[:, :3]
         return ras[0] if len(ras) == 1 else ras
+
+
+def check_segmentable(volume: Volume) -> None:
+    """InputError unless ``volume`` can be segmented: finite voxels, not one constant value, and a
+    voxel size in millimetres between :data:`SPACING_RANGE_MM` (others are headers in wrong units)."""
+    array = volume.array
+    if np.issubdtype(array.dtype, np.floating):
+        bad = int(np.count_nonzero(~np.isfinite(array)))
+        if bad:
+            raise InputError(
+                f"Image '{volume.name}' has {bad} NaN or infinite voxels; replace them (e.g. with the "
+                "background value) before segmenting."
+            )
+    low, high = array.min(), array.max()
+    if low == high:
+        raise InputError(
+            f"Image '{volume.name}' has the same value ({low}) in every voxel: there is nothing to segment. "
+            "Check that you gave the image (not an empty export or a blank series)."
+        )
+    spacing = volume.spacing_kji[::-1]
+    low_mm, high_mm = SPACING_RANGE_MM
+    if np.any(spacing < low_mm) or np.any(spacing > high_mm):
+        raise InputError(
+            f"Image '{volume.name}' has voxel size (i, j, k) {', '.join(f'{s:g}' for s in spacing)} mm, outside "
+            f"{low_mm:g}..{high_mm:g} mm: its header is probably in other units. Set the spacing in mm "
+            "(e.g. Slicer's Volumes module, or SimpleITK image.SetSpacing) and save the image again."
+        )

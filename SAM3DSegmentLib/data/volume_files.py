@@ -9,11 +9,23 @@ Modality hint (for intensity windowing), in order: the DICOM Modality tag (0008|
 caller's ``modality``, else a heuristic: CT when the minimum intensity is below -500 and at or
 above -3100 (air is about -1000 HU; scanners pad with -1024, -2000 or -3024), otherwise None
 (unknown; windowing then uses percentiles as for MR).
+
+Checks that ITK does not make: a NIfTI file's payload is read through once before ITK reads it,
+because ITK zero-fills a truncated file, reads a size-0 axis as one slice and NaN / Inf voxels as 0.
+Writers check the output name and folder first, write to a temporary name in the target folder
+and rename it into place, so a failed or interrupted write leaves no file that looks complete.
 """
 
 from __future__ import annotations
 
+import gzip
 import logging
+import os
+import re
+import struct
+import uuid
+import zlib
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -26,6 +38,10 @@ log = logging.getLogger(__name__)
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 LABEL_MAP_SUFFIXES = (".nii", ".nii.gz", ".nrrd")
+SEGMENTATION_SUFFIX = ".seg.nrrd"
+NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}
+"""NIfTI datatype codes of real floating-point voxels (ITK reads their NaN and Inf as 0)."""
+SCAN_BLOCK_BYTES = 1 << 24
 DEFAULT_COLORS = (
     (0.945, 0.839, 0.569), (0.502, 0.682, 0.502), (0.694, 0.478, 0.396), (0.435, 0.722, 0.824),
     (0.847, 0.396, 0.310), (0.867, 0.510, 0.396), (0.565, 0.933, 0.565), (0.753, 0.408, 0.690),
@@ -79,24 +95,108 @@ def guess_modality(array: np.ndarray) -> str | None:
     return "CT" if -3100.0 <= low < -500.0 else None
 
 
+def _itk_reason(exc: Exception) -> str:
+    """The informative line of a SimpleITK exception, without source paths and object addresses."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith(("Exception thrown", "Reason:"))] or lines or [""]
+    return re.sub(r"^(ITK ERROR|sitk::ERROR): (\w+\(0x[0-9a-f]+\): )?", "", lines[-1])[:200]
+
+
 def _read_image(path: Path):
     """(SimpleITK image, DICOM modality or None) for a file or a DICOM series folder."""
     sitk = _sitk()
     if path.is_dir():
         return _read_dicom_series(path)
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        check_nifti_file(path)
     try:
         return sitk.ReadImage(str(path)), None
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
         raise InputError(
-            f"Cannot read {path}: not a readable image ({first}). Supported: NIfTI (.nii, .nii.gz), "
-            "NRRD (.nrrd), MetaImage (.mha, .mhd) or a folder holding one DICOM series."
+            f"Cannot read {path}: it is damaged, truncated or not an image ({_itk_reason(exc)}). Supported: "
+            "NIfTI (.nii, .nii.gz), NRRD (.nrrd), MetaImage (.mha, .mhd) or a folder holding one DICOM series."
         ) from exc
+
+
+def _nifti_layout(head: bytes):
+    """(shape, numpy dtype, payload offset) of a single-file NIfTI-1/2 header, or None."""
+    for endian in "<>":
+        if len(head) >= 348 and struct.unpack(endian + "i", head[:4])[0] == 348 and head[344:348] == b"n+1\0":
+            dims = struct.unpack(endian + "8h", head[40:56])
+            datatype, bitpix = struct.unpack(endian + "2h", head[70:74])
+            offset = int(struct.unpack(endian + "f", head[108:112])[0])
+        elif len(head) >= 540 and struct.unpack(endian + "i", head[:4])[0] == 540 and head[4:8] == b"n+2\0":
+            datatype, bitpix = struct.unpack(endian + "2h", head[12:16])
+            dims = struct.unpack(endian + "8q", head[16:80])
+            offset = int(struct.unpack(endian + "q", head[168:176])[0])
+        else:
+            continue
+        if bitpix <= 0 or bitpix % 8:
+            return None
+        dtype = np.dtype(endian + NIFTI_FLOAT_TYPES.get(datatype, f"V{bitpix // 8}"))
+        return dims, dtype, offset
+    return None
+
+
+def check_nifti_file(path: str | Path) -> None:
+    """InputError when a single-file NIfTI has a size-0 axis, is truncated or damaged, or holds
+    NaN / Inf voxels (ITK would read these silently as one slice, zeros and zeros)."""
+    path = Path(path)
+    compressed = _starts_gzip(path)
+    try:
+        with (gzip.open(path, "rb") if compressed else open(path, "rb")) as stream:
+            layout = _nifti_layout(stream.read(540))
+            if layout is None:
+                return  # not a single-file NIfTI header: ITK's own checks apply
+            dims, dtype, offset = layout
+            rank = dims[0]
+            if not 1 <= rank <= 7 or any(size < 1 for size in dims[1 : rank + 1]):
+                raise InputError(
+                    f"{path} is not a usable image: its NIfTI header gives size {list(dims[1 : max(rank, 0) + 1])} "
+                    "(an axis of size 0). The file is damaged or was written incompletely; export it again."
+                )
+            expected = int(np.prod(dims[1 : rank + 1], dtype=np.int64)) * dtype.itemsize
+            stream.seek(offset)
+            remaining, bad = expected, 0
+            while remaining > 0:
+                block = stream.read(min(remaining, SCAN_BLOCK_BYTES))
+                if not block:
+                    break
+                remaining -= len(block)
+                if dtype.kind == "f":
+                    values = np.frombuffer(block[: len(block) - len(block) % dtype.itemsize], dtype)
+                    bad += int(np.count_nonzero(~np.isfinite(values)))
+            while compressed and stream.read(SCAN_BLOCK_BYTES):
+                pass  # read to the end: gzip checks its length and CRC
+    except (OSError, EOFError, zlib.error) as exc:
+        raise InputError(
+            f"{path} is truncated or damaged ({exc}); copy or export it again."
+        ) from exc
+    if remaining > 0:
+        raise InputError(
+            f"{path} is truncated: it holds {expected - remaining} of the {expected} bytes of voxels its "
+            "header announces. Copy or export it again."
+        )
+    if bad:
+        raise InputError(
+            f"{path} has {bad} NaN or infinite voxels; replace them (e.g. with the background value) "
+            "before segmenting."
+        )
+
+
+def _starts_gzip(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(2) == b"\x1f\x8b"
 
 
 def _read_dicom_series(folder: Path):
     sitk = _sitk()
-    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    warnings_shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # GDCM warns about every non-DICOM file
+    try:
+        series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(warnings_shown)
     if not series:
         raise InputError(f"Folder {folder} holds no DICOM series; give an image file or a DICOM series folder.")
     files_by_series = {uid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid) for uid in series}
@@ -139,6 +239,8 @@ def _select_component(image, component: int | None, path: Path):
     elif dimension != 3:
         raise InputError(f"{path} has {dimension} dimensions; a 3D volume is needed.")
     components = image.GetNumberOfComponentsPerPixel()
+    if dimension == 3 and components == 1 and component not in (None, 0):
+        raise InputError(f"{path} holds one 3D scalar volume: there is no component {component}; drop --component.")
     if components > 1:
         what = f"{path} has {components} components per voxel (e.g. RGB or a vector image)"
         _check_component(component, components, what, path)
@@ -222,27 +324,86 @@ def _label_dtype(array: np.ndarray):
     return np.uint8 if top < 256 else (np.uint16 if top < 65536 else np.uint32)
 
 
-def _check_suffix(path: Path, allowed: Sequence[str], what: str) -> None:
-    if not any(path.name.lower().endswith(suffix) for suffix in allowed):
-        raise InputError(f"Cannot write {what} to {path}: use one of {', '.join(allowed)}.")
+def check_output_path(path: str | Path, suffixes: Sequence[str] = (*LABEL_MAP_SUFFIXES, SEGMENTATION_SUFFIX),
+                      what: str = "the output") -> Path:
+    """``path`` if a file of one of ``suffixes`` (any letter case) can be written there, else InputError.
+
+    Checks the name, that it is not a folder, and that its folder (or the nearest existing parent,
+    the folders are made when writing) takes a file: a probe file is created and removed.
+    """
+    path = Path(path).expanduser()
+    if not any(path.name.lower().endswith(suffix) for suffix in suffixes):
+        raise InputError(f"Cannot write {what} to {path}: use a name ending in {', '.join(suffixes)}.")
+    if path.is_dir():
+        raise InputError(f"{path} is a folder; give a file name for {what}, e.g. {path / ('result' + suffixes[0])}.")
+    check_output_folder(path.parent, what)
+    return path
+
+
+def check_output_folder(folder: str | Path, what: str = "the output") -> Path:
+    """``folder`` if files can be written there (it, or its nearest existing parent, takes a new
+    file: a probe file is created and removed), else InputError."""
+    folder = Path(folder).expanduser()
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"Cannot write {what} in {folder}: {existing} is a file, not a folder.")
+    probe = existing / f".sam3d-probe-{uuid.uuid4().hex[:12]}"
+    try:
+        probe.open("xb").close()
+        probe.unlink()
+    except OSError as exc:
+        raise InputError(
+            f"Cannot write {what} in {folder}: {existing} does not take new files ({exc.strerror or exc}). "
+            "Choose a folder you can write to."
+        ) from exc
+    return folder
+
+
+@contextmanager
+def _written_atomically(path: Path, suffixes: Sequence[str], what: str):
+    """Yields a temporary name beside ``path`` (with the suffix in lower case, for the writers);
+    renames it to ``path`` when the block succeeds and removes it otherwise."""
+    suffix = next(s for s in sorted(suffixes, key=len, reverse=True) if path.name.lower().endswith(s))
+    partial = path.with_name(f".{path.name[: -len(suffix)]}-{uuid.uuid4().hex[:8]}.partial{suffix}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        yield partial
+        os.replace(partial, path)
+    except (OSError, RuntimeError) as exc:
+        raise InputError(f"Cannot write {what} to {path}: {getattr(exc, 'strerror', None) or _itk_reason(exc)}.") from exc
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _as_labels(array: np.ndarray, what: str) -> np.ndarray:
+    """Non-negative integer labels of a boolean, integer or integer-valued float array."""
+    array = np.asarray(array)
+    if array.dtype == bool:
+        return array.astype(np.uint8)
+    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+        raise InputError(f"{what} must hold non-negative integer labels or booleans; got {array.dtype}.")
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.all(np.isfinite(array)) or not np.array_equal(array, np.rint(array)):
+            raise InputError(f"{what} has non-integer values; a label map holds integer labels (or booleans).")
+    if array.size and array.min() < 0:
+        raise InputError(f"{what} has negative values; labels must be 0 (background) or positive.")
+    return array.astype(_label_dtype(array), copy=False)
 
 
 def write_label_map(mask_or_labels: np.ndarray, reference: Volume, path: str | Path) -> Path:
     """Write a binary mask or integer label array (k, j, i) on ``reference``'s grid (.nii, .nii.gz, .nrrd)."""
     path = Path(path).expanduser()
-    _check_suffix(path, LABEL_MAP_SUFFIXES, "a label map")
-    if path.name.lower().endswith(".seg.nrrd"):
+    if path.name.lower().endswith(SEGMENTATION_SUFFIX):
         raise InputError(f"{path} is a Slicer segmentation name; use write_segmentation for .seg.nrrd files.")
+    check_output_path(path, LABEL_MAP_SUFFIXES, "a label map")
     labels = np.asarray(mask_or_labels)
     if labels.shape != reference.shape:
         raise InputError(f"Label array shape {labels.shape} differs from the image shape {reference.shape}.")
-    if labels.dtype == bool:
-        labels = labels.astype(np.uint8)
-    elif np.issubdtype(labels.dtype, np.floating) or (labels.size and labels.min() < 0):
-        raise InputError("A label map must hold non-negative integer labels (or booleans).")
-    labels = labels.astype(_label_dtype(labels), copy=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _sitk().WriteImage(image_from_array(labels, reference.ijk_to_ras), str(path), useCompression=True)
+    image = image_from_array(_as_labels(labels, "A label map"), reference.ijk_to_ras)
+    with _written_atomically(path, LABEL_MAP_SUFFIXES, "a label map") as partial:
+        _sitk().WriteImage(image, str(partial), useCompression=True)
     return path
 
 
@@ -261,12 +422,16 @@ def write_segmentation(
     """
     import slicerio
 
-    path = Path(path).expanduser()
-    _check_suffix(path, (".seg.nrrd",), "a Slicer segmentation")
+    path = check_output_path(path, (SEGMENTATION_SUFFIX,), "a Slicer segmentation")
     if isinstance(labels, Mapping):
-        masks = {int(value): np.asarray(mask, dtype=bool) for value, mask in sorted(labels.items())}
+        masks = {}
+        for value, mask in sorted(labels.items()):
+            mask = _as_labels(mask, f"The mask of label {value}")
+            if mask.max(initial=0) > 1:
+                raise InputError(f"The mask of label {value} holds values above 1; give a boolean (0/1) mask per label.")
+            masks[int(value)] = mask > 0
     else:
-        array = np.asarray(labels)
+        array = _as_labels(labels, "The label array")
         if array.shape != reference.shape:
             raise InputError(f"Label array shape {array.shape} differs from the image shape {reference.shape}.")
         values = [int(v) for v in np.unique(array) if v != 0]
@@ -287,8 +452,8 @@ def write_segmentation(
             {"id": f"Segment_{value}", "name": name_of.get(value, f"Segment_{value}"),
              "color": [float(c) for c in color]},
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    slicerio.write_segmentation(str(path), segmentation)
+    with _written_atomically(path, (SEGMENTATION_SUFFIX,), "a Slicer segmentation") as partial:
+        slicerio.write_segmentation(str(partial), segmentation)
     return path
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from ..data.intensity import WindowSpec
-from ..data.volume import Volume
+from ..data.volume import Volume, check_segmentable
 from ..errors import CheckpointError, DependencyError, InputError
 from ..models.checkpoint_cache import cache_dir, how_to_get, resolve_checkpoint
 from ..models.registry import (
@@ -67,8 +67,11 @@ def choose_engine(engine: str = "auto", model: str | None = None, checkpoint: st
         if model is not None or checkpoint is not None:
             raise InputError("The weight-free engine uses no model; drop --model/--checkpoint or pick another engine.")
         return EngineChoice("weightfree", None, None, "the weight-free engine was requested")
+    if checkpoint is not None and not Path(checkpoint).expanduser().is_file():
+        what = "is a folder" if Path(checkpoint).expanduser().is_dir() else "does not exist"
+        raise CheckpointError(f"Checkpoint file {checkpoint} {what}. Give the path of a downloaded .pt/.pth file.")
 
-    spec = _spec_for(model, checkpoint)
+    spec = _spec_for(model, checkpoint, engine)
     if engine == "auto" and spec is None:
         for name in auto_preference():
             path = cached_checkpoint(get_spec(name))
@@ -96,8 +99,6 @@ def choose_engine(engine: str = "auto", model: str | None = None, checkpoint: st
     chosen = _engine_of(spec) if engine == "auto" else engine
     if checkpoint is not None:
         path = Path(checkpoint).expanduser()
-        if not path.is_file():
-            raise CheckpointError(f"Checkpoint file {path} does not exist. Give the path of a downloaded .pt/.pth file.")
         return EngineChoice(chosen, spec, path, f"using {spec.name} from the given checkpoint {path}")
     path = cached_checkpoint(spec)
     if path is not None:
@@ -119,7 +120,7 @@ def cached_checkpoint(spec: ModelSpec) -> Path | None:
     return Path(path) if Path(path).is_file() else None
 
 
-def _spec_for(model: str | None, checkpoint: str | Path | None) -> ModelSpec | None:
+def _spec_for(model: str | None, checkpoint: str | Path | None, engine: str = "auto") -> ModelSpec | None:
     if model is not None:
         return get_spec(model)
     if checkpoint is None:
@@ -128,9 +129,10 @@ def _spec_for(model: str | None, checkpoint: str | Path | None) -> ModelSpec | N
     for spec in REGISTRY.values():
         if spec.filename == name:
             return spec
+    fitting = [n for n, s in REGISTRY.items() if engine == "auto" or _engine_of(s) == engine]
     raise InputError(
-        f"Cannot tell which model the checkpoint {name} is; add --model NAME "
-        "(see `sam3d models list`)."
+        f"Cannot tell which model the checkpoint {name} is from its file name; add --model NAME, one of "
+        f"{', '.join(fitting)} (see `sam3d models list`)."
     )
 
 
@@ -150,8 +152,16 @@ def open_session(
 
     ``window`` is the intensity window (None: automatic for the modality). ``options`` go to the
     engine: for the weight-free engine, fields of ``SlicewiseOptions`` and ``RandomWalkerOptions``.
+    Checks first that the volume can be segmented, the axis exists and a named device is there.
     """
+    if not isinstance(volume, Volume):
+        raise InputError(f"open_session needs a Volume (see data.volume_files.read_volume); got {type(volume).__name__}.")
+    if axis not in (0, 1, 2) or isinstance(axis, bool):
+        raise InputError(f"axis must be 0, 1 or 2 (array axes k, j, i); got {axis!r}.")
+    check_segmentable(volume)
     if choice.engine == "weightfree":
+        if device not in (None, "", "auto"):
+            _check_device(device)
         return open_weightfree_session(volume, axis, window, **options)
     if choice.engine == "slicewise":
         try:
@@ -180,6 +190,18 @@ def open_session(
             volume, axis, model, choice.spec, window=window or WindowSpec(), device=torch_device, **options
         )
     raise InputError(f"Unknown engine {choice.engine!r}; choose one of {', '.join(ENGINES[1:])}.")
+
+
+def _check_device(device) -> None:
+    """InputError when a named device is not there; the weight-free engine itself runs on the CPU."""
+    from ..models.devices import select_device
+
+    try:
+        chosen = select_device(device)
+    except ImportError:  # pragma: no cover - builds without torch: the CPU is all there is
+        return
+    if chosen.type != "cpu":
+        log.warning("The weight-free engine runs on the CPU; device %s is not used.", chosen)
 
 
 def open_weightfree_session(

@@ -16,6 +16,7 @@ An engine subclass implements two methods:
 from __future__ import annotations
 
 import logging
+import numbers
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
@@ -25,7 +26,7 @@ import numpy as np
 
 from ..data.prompts import SlicePrompt
 from ..data.volume import Volume, get_slice
-from ..errors import PromptError, PropagationCancelled
+from ..errors import InputError, PromptError, PropagationCancelled
 from .anchors import Direction, Run, plan_runs
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,16 @@ class StopRule:
     min_overlap: float | None = None
     min_likeness: float | None = 0.7
     patience: int = 1
+
+    def __post_init__(self) -> None:
+        for name, low in (("min_area", 0), ("patience", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low:
+                raise InputError(f"Stop rule: {name} must be a whole number >= {low}; got {value!r}.")
+        for name in ("min_score", "min_stability", "min_overlap", "min_likeness"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, numbers.Real) and 0 <= value <= 1):
+                raise InputError(f"Stop rule: {name} must be None (off) or a number from 0 to 1; got {value!r}.")
 
     def absent_reason(
         self,

@@ -10,13 +10,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import CheckpointError
-from .registry import ModelSpec
+from .registry import REGISTRY, ModelSpec
 
 FAMILY_NAMES = {
     "sam": "SAM (segment-anything, incl. MedSAM)",
     "sam2": "SAM 2 (incl. SAM 2.1, MedSAM2)",
     "litemedsam": "LiteMedSAM (TinyViT encoder)",
 }
+SAM_VIT_WIDTHS = {768: "vit_b", 1024: "vit_l", 1280: "vit_h"}
+"""SAM image encoder width (``image_encoder.patch_embed.proj.weight``'s first size) by builder."""
 
 
 def checkpoint_family(state: dict) -> str | None:
@@ -79,17 +81,36 @@ def load_checkpoint_state(
 
 
 def load_state_strict(model, state: dict, spec: ModelSpec, path) -> None:
-    """Load ``state`` into ``model`` strictly; CheckpointError naming the likely mix-up otherwise."""
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        lines = str(exc).splitlines()
-        detail = "; ".join(line.strip() for line in lines[:4])
-        raise CheckpointError(
-            f"Checkpoint {path} does not fit model '{spec.name}' ({spec.builder}): {detail}. "
-            "It is probably another size of the same family (e.g. ViT-L weights for ViT-B); "
-            "choose the matching --model."
-        ) from exc
+    """Load ``state`` into ``model`` strictly; a short CheckpointError naming the likely mix-up otherwise."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    reshaped = [k for k in expected if k in state and tuple(getattr(state[k], "shape", ())) != tuple(expected[k].shape)]
+    detail = "; ".join(
+        f"{len(keys)} {what} (e.g. {keys[0]})"
+        for keys, what in ((missing, "missing"), (unexpected, "unexpected"), (reshaped, "of another shape"))
+        if keys
+    )
+    if not detail:
+        try:
+            model.load_state_dict(state, strict=True)
+            return
+        except RuntimeError as exc:  # e.g. a dtype the model cannot take
+            detail = str(exc).strip().splitlines()[0][:200]
+    raise CheckpointError(
+        f"Checkpoint {path} does not fit model '{spec.name}' ({spec.builder}): parameters {detail}. "
+        f"{_size_hint(state, spec)}"
+    )
+
+
+def _size_hint(state: dict, spec: ModelSpec) -> str:
+    """Which models a SAM checkpoint's encoder width fits, else general advice."""
+    weight = state.get("image_encoder.patch_embed.proj.weight")
+    builder = SAM_VIT_WIDTHS.get(int(weight.shape[0])) if hasattr(weight, "shape") and weight.ndim == 4 else None
+    names = [n for n, s in REGISTRY.items() if s.family == spec.family and s.builder == builder]
+    if names:
+        return f"Its encoder is a ViT-{builder[-1].upper()}: use --model {' or '.join(names)}."
+    return "It is probably another size of the same family; choose the matching --model (see `sam3d models list`)."
 
 
 def _advice(model_name: str) -> str:

@@ -23,12 +23,20 @@ def select_device(preference=None):
         return torch.device("cpu")
     try:
         device = torch.device(preference)
-    except RuntimeError as exc:
+    except (RuntimeError, TypeError) as exc:
         raise InputError(f"Unknown device {preference!r}; use auto, cpu, cuda, cuda:N or mps.") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError("CUDA was requested but no CUDA GPU is available; use --device cpu or auto.")
-    if device.type == "mps" and not torch.backends.mps.is_available():
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise InputError(
+            f"{device} was requested but this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+            f"cuda:0 to cuda:{torch.cuda.device_count() - 1}; pick one of them or auto."
+        )
+    mps = getattr(torch.backends, "mps", None)
+    if device.type == "mps" and (mps is None or not mps.is_available()):
         raise InputError("Apple MPS was requested but is not available; use --device cpu or auto.")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise InputError(f"Device {preference!r} is not supported; use auto, cpu, cuda, cuda:N or mps.")
     return device
 
 
