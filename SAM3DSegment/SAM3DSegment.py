@@ -9,6 +9,7 @@ below the Qt layer is in SAM3DSegmentSlicerLogic (no Qt) and the SAM3DSegmentLib
 import logging
 import os
 import sys
+import time
 
 import ctk
 import qt
@@ -88,7 +89,7 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._updatingGUI = False
-        self._downloadWorker = None
+        self._download = None  # the `sam3d models download` process
         self._downloadTimer = None
 
     def setup(self):
@@ -123,6 +124,10 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             spin.connect("valueChanged(double)" if spin is self.ui.minScoreSpinBox else "valueChanged(int)",
                          self.updateParameterNodeFromGUI)
         self.ui.checkpointPathLineEdit.connect("currentPathChanged(QString)", self.updateParameterNodeFromGUI)
+        self.ui.serverUrlLineEdit.connect("editingFinished()", self.updateParameterNodeFromGUI)
+        self.ui.serverTokenFileLineEdit.connect("currentPathChanged(QString)", self.updateParameterNodeFromGUI)
+        self.ui.serverTokenFileLineEdit.filters = ctk.ctkPathLineEdit.Files | ctk.ctkPathLineEdit.Readable
+        self.ui.stopServerButton.connect("clicked(bool)", self.onStopServer)
         self.ui.downloadButton.connect("clicked(bool)", self.onDownload)
         self.ui.installButton.connect("clicked(bool)", self.onInstall)
         self.ui.openSegmentEditorButton.connect("clicked(bool)", self.onOpenSegmentEditor)
@@ -133,8 +138,11 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self):
         self.removeObservers()
-        if self._downloadWorker is not None:
-            self._downloadWorker.shutdown()
+        if self._downloadTimer is not None:
+            self._downloadTimer.stop()
+            self._downloadTimer.disconnect("timeout()", self.pollDownload)
+        if self._download is not None and self._download.poll() is None:
+            self._download.terminate()
 
     def enter(self):
         self.initializeParameterNode()
@@ -172,6 +180,8 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.patienceSpinBox.value = settings.patience
             self.ui.projectionComboBox.currentText = settings.projection
             self.ui.projectionComboBox.enabled = settings.engine != "sam2"
+            self.ui.serverUrlLineEdit.text = settings.server_url
+            self.ui.serverTokenFileLineEdit.currentPath = settings.server_token_file
             self.ui.modelStateLabel.text = self.logic.modelState(settings)
         finally:
             self._updatingGUI = False
@@ -191,14 +201,20 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             min_score=self.ui.minScoreSpinBox.value,
             patience=self.ui.patienceSpinBox.value,
             projection=self.ui.projectionComboBox.currentText,
+            server_url=self.ui.serverUrlLineEdit.text.strip(),
+            server_token_file=self.ui.serverTokenFileLineEdit.currentPath,
         )
         save_settings(settings, self._parameterNode)
+        self.updateDependencyState()
 
     # --- model download ----------------------------------------------------------------------
 
     def onDownload(self):
-        from SAM3DSegmentSlicerLogic.messages import user_message
-        from SAM3DSegmentSlicerLogic.worker import ModelWorker
+        """Download in a separate process (`sam3d models download`), polled by a timer: the main
+        thread never waits for the network and no Python thread runs inside Slicer."""
+        import subprocess
+
+        from SAM3DSegmentSlicerLogic.server_process import slicer_python
 
         name = self.ui.modelComboBox.currentData or self.logic.defaultModel(self.ui.engineComboBox.currentText)
         if not name:
@@ -206,63 +222,82 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         if not slicer.util.confirmOkCancelDisplay(self.logic.downloadQuestion(name), windowTitle="Download model"):
             return
-        try:
-            self.logic.checkDependencies(["torch"])
-        except Exception as error:
-            slicer.util.errorDisplay(user_message(error))
+        if self._download is not None and self._download.poll() is None:
             return
-        if self._downloadWorker is None:
-            self._downloadWorker = ModelWorker("SAM3D download")
+        self._downloadName = name
+        self._download = subprocess.Popen(
+            [slicer_python(), "-m", "SAM3DSegmentLib.commands.cli", "models", "download", name, "--no-progress"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )
+        if self._downloadTimer is None:
             self._downloadTimer = qt.QTimer()
-            self._downloadTimer.setInterval(200)
+            self._downloadTimer.setInterval(250)
             self._downloadTimer.connect("timeout()", self.pollDownload)
         self.ui.downloadButton.enabled = False
+        self.ui.downloadProgressBar.maximum = 0  # busy
         self.ui.downloadProgressBar.setVisible(True)
-        self.ui.downloadProgressBar.value = 0
-        self._downloadWorker.submit(lambda progress, cancelled: self.logic.download(name, progress), f"download {name}")
+        self.ui.statusLabel.text = f"Downloading {name}..."
         self._downloadTimer.start()
 
     def pollDownload(self):
-        from SAM3DSegmentSlicerLogic.messages import user_message
+        from SAM3DSegmentSlicerLogic.messages import panel_advice
 
-        for event in self._downloadWorker.poll():
-            if event.kind == "progress":
-                self.ui.downloadProgressBar.maximum = max(event.total, 1)
-                self.ui.downloadProgressBar.value = event.done
-                continue
-            self._downloadTimer.stop()
-            self.ui.downloadButton.enabled = True
-            self.ui.downloadProgressBar.setVisible(False)
-            if event.kind == "finished":
-                self.ui.statusLabel.text = f"Downloaded and verified: {event.result}"
-            else:
-                slicer.util.errorDisplay(user_message(event.error))
-            self.updateGUIFromParameterNode()
+        if self._download is None or self._download.poll() is None:
+            return
+        self._downloadTimer.stop()
+        self.ui.downloadButton.enabled = True
+        self.ui.downloadProgressBar.setVisible(False)
+        errors = self._download.stderr.read() if self._download.stderr else ""
+        if self._download.returncode == 0:
+            self.ui.statusLabel.text = f"Downloaded and verified: {self._downloadName}"
+        else:
+            lines = [line for line in errors.strip().splitlines() if line.strip()]
+            slicer.util.errorDisplay(panel_advice(lines[-1] if lines else f"The download of {self._downloadName} failed."),
+                                     windowTitle="Download model")
+        self._download = None
+        self.updateGUIFromParameterNode()
+
+    def onStopServer(self):
+        from SAM3DSegmentSlicerLogic.server_process import shared_server_link
+
+        shared_server_link().stop()
+        self.ui.statusLabel.text = "The local SAM 3D server was stopped; it starts again on the next prompt."
 
     # --- dependencies ------------------------------------------------------------------------
 
     def updateDependencyState(self):
-        self.ui.dependencyStateLabel.text = dependencies.describe_state()
-        missing = dependencies.missing()
+        settings = load_settings(self._parameterNode) if self._parameterNode is not None else PanelSettings()
+        if settings.uses_remote_server:
+            self.ui.dependencyStateLabel.text = "A remote server runs the models: Slicer needs no extra packages."
+            self.ui.installButton.enabled = False
+            return
+        needed = dependencies.requirements_for(settings.engine, settings.model)
+        self.ui.dependencyStateLabel.text = dependencies.describe_state(needed)
+        missing = dependencies.missing(needed)
         self.ui.installButton.enabled = bool(missing)
         if missing:
             self.ui.dependenciesCollapsibleButton.collapsed = False
 
     def onInstall(self):
+        """Ask, install PyTorch (its own confirmation dialog, without a wait cursor over it), then the
+        other packages under a wait cursor."""
         from SAM3DSegmentSlicerLogic.messages import user_message
 
-        packages = dependencies.pip_requirements()
+        settings = load_settings(self._parameterNode)
+        needed = dependencies.requirements_for(settings.engine, settings.model)
+        packages = dependencies.pip_requirements(needed) + [" ".join(a) for a in dependencies.pip_builds_against_torch(needed)]
         question = "SAM 3D will install:\n"
-        if dependencies.needs_pytorch():
-            question += "- PyTorch, through the PyTorch extension (a large download)\n"
+        if dependencies.needs_pytorch(needed):
+            question += f"- PyTorch {dependencies.TORCH_REQUIREMENT}, through the PyTorch extension (a large download)\n"
         if packages:
             question += f"- with pip: {', '.join(packages)}\n"
         question += "Slicer may be unresponsive during the installation. Continue?"
         if not slicer.util.confirmOkCancelDisplay(question, windowTitle="Install dependencies"):
             return
         try:
+            self.logic.installTorch(needed)  # may show the PyTorch extension's own dialog: no wait cursor
             with slicer.util.WaitCursor():
-                self.logic.installDependencies()
+                self.logic.installPackages(needed)
         except Exception as error:
             slicer.util.errorDisplay(user_message(error))
         self.updateDependencyState()
@@ -330,37 +365,37 @@ class SAM3DSegmentLogic(ScriptedLoadableModuleLogic):
         return (f"Download {spec.name} ({size}, licence {spec.licence}) from\n{spec.url}\n"
                 f"into {cache_dir()}?\nThe checksum is verified after download.")
 
-    def download(self, name, progress):
-        from SAM3DSegmentLib.models.download import download
-
-        return download(name, lambda done, total: progress(done, total or 0, -1))
-
-    def checkDependencies(self, modules):
+    def installTorch(self, needed=dependencies.REQUIREMENTS):
+        """PyTorch (at least TORCH_REQUIREMENT) through the PyTorch extension, when it is needed and missing."""
         from SAM3DSegmentLib.errors import DependencyError
 
-        missing = [m for m in modules if not dependencies.is_installed(m)]
-        if missing:
-            raise DependencyError(f"Missing Python packages: {', '.join(missing)}.")
+        if not dependencies.needs_pytorch(needed):
+            return
+        try:
+            import PyTorchUtils
+        except ImportError as error:
+            raise DependencyError(
+                "The PyTorch extension is not installed. Install 'PyTorch' from the Extensions Manager, "
+                "restart Slicer, then press 'Install dependencies' again."
+            ) from error
+        torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
+            askConfirmation=True, torchVersionRequirement=dependencies.TORCH_REQUIREMENT,
+            torchvisionVersionRequirement=dependencies.TORCHVISION_REQUIREMENT,
+        )
+        if torch is None:
+            raise DependencyError("PyTorch was not installed. Press 'Install dependencies' again to retry.")
 
-    def installDependencies(self):
-        """Install what is missing: PyTorch via the PyTorch extension, the rest with pip (main thread)."""
-        from SAM3DSegmentLib.errors import DependencyError
-
-        if dependencies.needs_pytorch():
-            try:
-                import PyTorchUtils
-            except ImportError as error:
-                raise DependencyError(
-                    "The PyTorch extension is not installed. Install 'PyTorch' from the Extensions Manager, "
-                    "restart Slicer, then press Install again."
-                ) from error
-            torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True)
-            if torch is None:
-                raise DependencyError("PyTorch was not installed. Press Install again to retry.")
-        packages = dependencies.pip_requirements()
+    def installPackages(self, needed=dependencies.REQUIREMENTS):
+        """The other packages with pip; sam2 without build isolation, against the installed torch.
+        Raises DependencyError when pip replaced torch."""
+        torchBefore = dependencies.installed_version("torch")
+        packages = dependencies.pip_requirements(needed)
         if packages:
-            os.environ.setdefault("SAM2_BUILD_CUDA", "0")  # sam2's optional CUDA extension is not needed
             slicer.util.pip_install(packages)
+        for arguments in dependencies.pip_builds_against_torch(needed):
+            os.environ.setdefault("SAM2_BUILD_CUDA", "0")  # sam2's optional CUDA extension is not needed
+            slicer.util.pip_install(arguments)
+        dependencies.check_torch_unchanged(torchBefore)
 
 
 #
@@ -378,14 +413,23 @@ class SAM3DSegmentTest(ScriptedLoadableModuleTest):
         self.test_effect_is_registered()
 
     def test_prompt_and_propagate_with_the_weightfree_engine(self):
-        """A synthetic CT with a lesion: one click, propagate, compare the segment with the truth."""
+        """A synthetic CT with a lesion: one click, propagate on the SAM 3D server (weight-free engine),
+        compare the segment with the truth. Slicer itself imports no model package (no torch, no
+        scikit-image): they run in the server process. Skipped, saying why, when the server cannot run."""
         import numpy as np
         from SAM3DSegmentSlicerLogic.segment_propagation import SegmentPropagation
         from SAM3DSegmentSlicerLogic.segment_writer import read_segment
-        from SAM3DSegmentSlicerLogic.session_factory import session_factory_for
+        from SAM3DSegmentSlicerLogic.server_process import ServerSpec, shared_server_link
+        from SAM3DSegmentSlicerLogic.session_factory import remote_session_factory
         from SAM3DSegmentSlicerLogic.volume_nodes import add_volume_node
 
         from SAM3DSegmentLib.data.sample_volume import make_sample
+
+        missing = dependencies.missing(dependencies.requirements_for("weightfree"))
+        if missing:
+            self.delayDisplay("Propagation test skipped: the server's weight-free engine needs "
+                              f"{', '.join(r.pip for r in missing)} (SAM 3D module: 'Install dependencies').")
+            return
 
         self.delayDisplay("Synthetic volume")
         sample = make_sample(shape_kji=(20, 80, 96))
@@ -397,16 +441,28 @@ class SAM3DSegmentTest(ScriptedLoadableModuleTest):
         segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
         lesion = segmentationNode.GetSegmentation().AddEmptySegment("lesion")
 
+        self.delayDisplay("Start the SAM 3D server (weight-free engine)")
+        spec = ServerSpec(engine="weightfree", device="cpu")
+        connection = shared_server_link().wait_connection(spec, timeout=180)
+
         self.delayDisplay("Click and propagate")
-        logic = SegmentPropagation(volumeNode, segmentationNode, session_factory_for(PanelSettings(engine="weightfree")))
-        logic.add_prompt(lesion, logic.point_from_ras(sample.volume.kji_to_ras(sample.click_kji), True, axis=0))
-        result, report = logic.propagate(lesion)
-        segment = read_segment(segmentationNode, lesion, logic.volume)
-        dice = 2 * np.count_nonzero(segment & sample.truth) / (segment.sum() + sample.truth.sum())
-        self.assertGreater(dice, 0.6)
-        self.assertEqual(result.engine, "weightfree")
-        self.assertEqual(report.changed_voxels, int(segment.sum()) - int(segment[sample.click_kji[0]].sum()))
-        self.delayDisplay(f"Dice {dice:.2f} with {len(result.slices_computed)} slices computed")
+        logic = SegmentPropagation(volumeNode, segmentationNode, remote_session_factory(connection, spec))
+        try:
+            logic.add_prompt(lesion, logic.point_from_ras(sample.volume.kji_to_ras(sample.click_kji), True, axis=0))
+            job = logic.start_propagation(lesion)
+            while not job.poll().finished:  # what the effect's timer does
+                slicer.app.processEvents()
+                time.sleep(0.05)
+            update = job.update
+            self.assertEqual(update.state, "done", str(update.error))
+            segment = read_segment(segmentationNode, lesion, logic.volume)
+            dice = 2 * np.count_nonzero(segment & sample.truth) / (segment.sum() + sample.truth.sum())
+            self.assertGreater(dice, 0.6)
+            self.assertEqual(update.result.engine, "weightfree")
+            self.assertEqual(update.report.changed_voxels, int(segment.sum()) - int(segment[sample.click_kji[0]].sum()))
+            self.delayDisplay(f"Dice {dice:.2f} with {len(update.result.slices_computed)} slices computed")
+        finally:
+            logic.close()
 
     def test_effect_is_registered(self):
         editor = slicer.qMRMLSegmentEditorWidget()

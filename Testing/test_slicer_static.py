@@ -26,6 +26,7 @@ EFFECT_METHODS = {
     "clone": 0, "icon": 0, "helpText": 0, "setupOptionsFrame": 0, "createCursor": 1,
     "activate": 0, "deactivate": 0, "setMRMLDefaults": 0, "updateGUIFromMRML": 0, "updateMRMLFromGUI": 0,
     "processInteractionEvents": 3, "sourceVolumeNodeChanged": 0, "referenceGeometryChanged": 0, "layoutChanged": 0,
+    "cleanup": 0,
 }
 
 
@@ -82,20 +83,109 @@ def test_effect_implements_the_methods_slicer_calls():
     assert "AbstractScriptedSegmentEditorEffect" in bases
 
 
-def test_effect_handles_clicks_right_clicks_and_shift_drag():
-    source = ast.unparse(class_methods(EFFECT_SCRIPT, "SegmentEditorEffect")["processInteractionEvents"])
+def _method_source(name: str, path: Path = EFFECT_SCRIPT, class_name: str = "SegmentEditorEffect") -> str:
+    return ast.unparse(class_methods(path, class_name)[name])
+
+
+def _branches(method: str) -> dict[str, str]:
+    """The effect's processInteractionEvents: the source of each ``if eventId == vtk.vtkCommand.X`` branch."""
+    found = {}
+    for node in ast.walk(class_methods(EFFECT_SCRIPT, "SegmentEditorEffect")[method]):
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Compare) and ast.unparse(node.test.left) == "eventId":
+            event = ast.unparse(node.test.comparators[0]).rsplit(".", 1)[-1]
+            found[event] = "\n".join(ast.unparse(n) for n in node.body)
+    return found
+
+
+def test_effect_handles_clicks_right_clicks_shift_drag_double_clicks_and_keys():
+    source = _method_source("processInteractionEvents")
     for needed in ("LeftButtonPressEvent", "LeftButtonReleaseEvent", "RightButtonReleaseEvent", "MouseMoveEvent",
                    "GetShiftKey", "GetControlKey", "box_from_ras", "point_from_ras", "qMRMLSliceWidget"):
         assert needed in source, needed
+    branches = _branches("processInteractionEvents")
+    assert branches["LeftButtonDoubleClickEvent"].strip() == "return True"  # consumed (issue 13, 10)
+    assert "_onKey" in branches["KeyPressEvent"]
+    right_press = branches["RightButtonPressEvent"]
+    # Slicer's own right-button actions with modifiers pass through; a plain right press is a prompt
+    # or a right-drag zoom done as Slicer does it (never a half-consumed press/release pair)
+    assert right_press.index("return False") < right_press.index("return True")
+    assert "GetFieldOfView" in right_press
+    right_release = branches["RightButtonReleaseEvent"]
+    assert "if self._rightPress is None:\n    return False" in right_release and "not zooming" in right_release
+    drag = _method_source("_rightDrag")
+    assert "zoomed_field_of_view" in drag and "SetFieldOfView" in drag
 
 
-def test_effect_and_widget_touch_mrml_only_through_main_thread_callbacks():
-    """Jobs given to the worker call only the session-side methods of the logic."""
-    source = EFFECT_SCRIPT.read_text(encoding="utf-8")
-    jobs = re.findall(r"lambda progress, cancelled: ([^\n]+)", source)
-    assert jobs and all(re.search(r"(preview_in_session|propagate_in_session|clear_prompts|close)\(", j) for j in jobs)
-    for writer in ("write_preview", "write_result", "edited_slices"):
-        assert not any(writer in j for j in jobs)
+def test_no_python_threads_in_slicer_and_the_model_runs_in_the_server():
+    """Issue 12 item 4 / 13: no thread in Slicer's Python; jobs are polled by a QTimer."""
+    for path in module_python_files():
+        text = path.read_text(encoding="utf-8")
+        assert "import threading" not in text and "Thread(" not in text, path.name
+        for heavy in ("import torch", "import skimage", "from skimage", "import sam2", "import segment_anything"):
+            assert heavy not in text, f"{path.name}: {heavy}"
+    assert not (MODULE / "SAM3DSegmentSlicerLogic" / "worker.py").exists()
+    init = _method_source("__init__")
+    assert "self.pollTimer.connect('timeout()', self._poll)" in init
+    poll = _method_source("_poll")
+    assert "self.job.poll()" in poll and "self._connection()" in poll and "self.pollTimer.stop()" in poll
+    assert "start_propagation" in _method_source("_propagateNow")
+    assert "self.job.cancel()" in _method_source("onCancel")
+    assert "shared_server_link" in _method_source("_connection")
+    module = MODULE_SCRIPT.read_text(encoding="utf-8")
+    assert "models\", \"download\"" in module and "pollDownload" in module  # the download is a process too
+
+
+def test_deactivate_and_cleanup_stop_polling():
+    """Issue 13 (11)."""
+    assert "self._stopPolling(cancelJob=True)" in _method_source("deactivate")
+    cleanup = _method_source("cleanup")
+    assert "self._stopPolling(cancelJob=True)" in cleanup and "self.pollTimer.disconnect('timeout()', self._poll)" in cleanup
+    stop = _method_source("_stopPolling")
+    assert "self.pollTimer.stop()" in stop and "abandon()" in stop and "self._pendingAction = None" in stop
+    widget_cleanup = _method_source("cleanup", MODULE_SCRIPT, "SAM3DSegmentWidget")
+    assert "self._downloadTimer.stop()" in widget_cleanup
+
+
+def test_layout_changes_remove_rubber_band_actors_before_forgetting_them():
+    source = _method_source("layoutChanged")
+    assert source.index("self._removeRubberBand(viewWidget)") < source.index("self._rubberBands = {}")
+    assert "removeActor2D" in _method_source("_removeRubberBand")
+
+
+def test_edits_confirm_a_hidden_segment_first_and_markups_are_ours():
+    for method in ("addPrompt", "onPropagate"):
+        assert "confirmCurrentSegmentVisible()" in _method_source(method), method
+    text = EFFECT_SCRIPT.read_text(encoding="utf-8")
+    assert "AddNewNodeByClass" not in text  # markups nodes only through markers.add_private_markups_node
+    assert "prompt_markups_node" in _method_source("updateMarkers")
+
+
+def test_no_wait_cursor_over_the_pytorch_confirmation_dialog():
+    """Issue 13 (12): installTorch may show a dialog: it runs outside ``with slicer.util.WaitCursor()``."""
+    method = class_methods(MODULE_SCRIPT, "SAM3DSegmentWidget")["onInstall"]
+    calls_in_wait_cursor = [
+        ast.unparse(call) for node in ast.walk(method) if isinstance(node, ast.With)
+        and "WaitCursor" in ast.unparse(node.items[0].context_expr)
+        for call in ast.walk(node) if isinstance(call, ast.Call)
+    ]
+    assert calls_in_wait_cursor and not any("installTorch" in c or "confirm" in c for c in calls_in_wait_cursor)
+    assert any("installPackages" in c for c in calls_in_wait_cursor)
+    logic_torch = _method_source("installTorch", MODULE_SCRIPT, "SAM3DSegmentLogic")
+    assert "torchVersionRequirement=dependencies.TORCH_REQUIREMENT" in logic_torch
+    packages = _method_source("installPackages", MODULE_SCRIPT, "SAM3DSegmentLogic")
+    assert "pip_builds_against_torch" in packages and "check_torch_unchanged" in packages
+
+
+def test_user_facing_strings_in_slicer_advise_the_panel_not_the_command_line():
+    for path in (MODULE_SCRIPT, EFFECT_SCRIPT):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                      if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef)) and n.body
+                      and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Constant) and isinstance(node.value, str) and " " in node.value
+                    and id(node) not in docstrings):
+                assert not re.search(r"(^|\s)--[a-z]|`sam3d ", node.value), f"{path.name}: {node.value!r}"
 
 
 def test_module_classes_self_test_and_effect_registration():
@@ -120,6 +210,14 @@ def test_nothing_is_installed_or_heavy_imported_at_import_time():
             assert forbidden not in text, f"{path.name} does {forbidden!r} at import time"
     module_text = MODULE_SCRIPT.read_text(encoding="utf-8")
     assert "slicer.util.pip_install" in module_text and "PyTorchUtils" in module_text
+
+
+def test_the_self_test_needs_no_model_package_in_slicer():
+    """Issue 13 (8): the self-test propagates on the server; Slicer's Python imports no scikit-image."""
+    source = _method_source("test_prompt_and_propagate_with_the_weightfree_engine", MODULE_SCRIPT, "SAM3DSegmentTest")
+    assert "shared_server_link" in source and "remote_session_factory" in source and "job.poll()" in source
+    assert "skimage" not in source and "session_factory_for" not in source
+    assert "requirements_for('weightfree')" in source  # skipped, saying why, when the server cannot run
 
 
 @pytest.mark.parametrize("path", [MODULE_SCRIPT, EFFECT_SCRIPT], ids=lambda p: p.name)
@@ -163,7 +261,11 @@ def test_the_library_ships_with_the_module():
 
 
 def test_extension_cmake_and_index_description():
+    """Issue 13 (5)-(7): no superbuild settings, the Extensions Index's JSON entry, a LICENSE."""
+    import json
+
     text = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
+    assert "SUPERBUILD" not in text and "EXTENSION_BUILD_SUBDIRECTORY" not in text and "inner" not in text
     for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_DESCRIPTION", "EXTENSION_ICONURL",
                 "EXTENSION_SCREENSHOTURLS", "EXTENSION_CONTRIBUTORS"):
         assert re.search(rf'set\({key} "[^"]+"\)', text), key
@@ -171,14 +273,26 @@ def test_extension_cmake_and_index_description():
     assert "add_subdirectory(SAM3DSegment)" in text
     for url in re.findall(r"main/(Resources/\S+\.png)", text):
         assert (ROOT / url).is_file(), url
-    s4ext = dict(
-        line.split(" ", 1) for line in (ROOT / "SAM3DSegment.s4ext").read_text(encoding="utf-8").splitlines()
-        if line.strip() and not line.startswith("#")
-    )
-    for key in ("scm", "scmurl", "scmrevision", "depends", "build_subdirectory", "homepage", "category",
-                "iconurl", "description", "screenshoturls", "enabled"):
-        assert s4ext.get(key), key
-    assert s4ext["depends"] == "PyTorch" and s4ext["category"] == "Segmentation"
+    assert not (ROOT / "SAM3DSegment.s4ext").exists()
+    entry = json.loads((ROOT / "SAM3DSegment.json").read_text(encoding="utf-8"))
+    # the keys of Slicer's schema (Schemas/slicer-extension-catalog-entry-schema-v1.0.1.json: additionalProperties false)
+    allowed = {"$schema", "category", "scm_url", "scm_revision", "scm_type", "build_dependencies",
+               "build_subdirectory", "enabled", "tier"}
+    assert set(entry) <= allowed and {"$schema", "category", "scm_url"} <= set(entry)
+    assert entry["$schema"].endswith("/Schemas/slicer-extension-catalog-entry-schema-v1.0.1.json#")
+    assert entry["build_dependencies"] == ["PyTorch"] and entry["build_subdirectory"] == "."
+    assert entry["category"] == "Segmentation" and entry["scm_url"].startswith("https://github.com/")
+    assert entry["scm_url"].removesuffix(".git") == re.search(r'EXTENSION_HOMEPAGE "([^"]+)"', text).group(1)
+    assert 1 <= entry["tier"] <= 5
+
+
+def test_license_is_the_apache_2_text_and_matches_the_package_metadata():
+    text = (ROOT / "LICENSE").read_text(encoding="utf-8")
+    assert text.lstrip().startswith("Apache License") and "Version 2.0, January 2004" in text
+    assert "TERMS AND CONDITIONS FOR USE, REPRODUCTION, AND DISTRIBUTION" in text and "END OF TERMS AND CONDITIONS" in text
+    assert len(text) > 10000  # the full text, not a notice
+    pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    assert re.search(r'^license = \{ text = "Apache-2.0" \}', pyproject, re.M)
 
 
 def _png_size(path: Path) -> tuple[int, int]:
@@ -193,3 +307,8 @@ def test_icons_are_real_pngs():
     assert _png_size(MODULE / "SegmentEditorSAM3DLib" / "SegmentEditorEffect.png") == (21, 21)
     width, height = _png_size(ROOT / "Resources" / "Screenshots" / "weightfree_sample.png")
     assert width > 300 and height > 200
+
+
+def test_the_effect_and_self_test_never_open_in_process_sessions():
+    for path in (MODULE_SCRIPT, EFFECT_SCRIPT):
+        assert "session_factory_for" not in path.read_text(encoding="utf-8"), path.name

@@ -5,7 +5,10 @@
 - :mod:`.masking`: the Segment Editor's editable area, intensity range and overwrite settings.
 - :mod:`.segment_writer`: writing a mask into one segment (undo state first, changed extent only).
 - :mod:`.segment_propagation`: prompts, preview, propagate, re-propagate after edits.
-- :mod:`.worker`: one worker thread owning the session; events polled on the main thread.
+- :mod:`.server_process`: the ``sam3d serve`` process (started with Slicer's Python) or a server URL.
+- :mod:`.propagation_job`: a propagation job on the server, polled from a timer; writes when done.
+- :mod:`.session_factory`: sessions on the server for the panel's settings.
+- :mod:`.markers`: prompt markers in markups nodes of our own (hidden, not the active place list).
 - :mod:`.settings`: the panel's settings kept in a parameter node.
 - :mod:`.dependencies`: which Python packages are missing and how to install them.
 - :mod:`.messages`: user-facing messages for errors.

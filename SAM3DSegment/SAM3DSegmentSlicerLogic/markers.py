@@ -1,4 +1,11 @@
-"""Prompt markers: include/exclude clicks as control points of a markups fiducial node."""
+"""Prompt markers: include/exclude clicks as control points of a markups fiducial node, boxes as
+closed curves.
+
+Our markups nodes are not the user's: they are hidden from node selectors (``SetHideFromEditors``),
+not saved with the scene, locked, and adding them leaves the active place list as it was (Slicer's
+markups logic makes every new markups node the active list, so the user's next "place point" would
+otherwise land in ours).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +15,34 @@ from SAM3DSegmentLib.data.volume import Volume
 from .view_prompts import prompt_markers_ras
 
 INCLUDE_LABEL, EXCLUDE_LABEL = "+", "-"
+MARKUPS_NAME = "SAM 3D prompts"
+SELECTION_NODE_ID = "vtkMRMLSelectionNodeSingleton"
+
+
+def add_private_markups_node(scene, class_name: str, name: str):
+    """A new markups node of ours: hidden from editors, not saved, and not made the active place list."""
+    selection = scene.GetNodeByID(SELECTION_NODE_ID)
+    active = selection.GetActivePlaceNodeID() if selection is not None else None
+    node = scene.AddNewNodeByClass(class_name, name)
+    node.SetHideFromEditors(True)
+    node.SetSaveWithScene(False)
+    if selection is not None and selection.GetActivePlaceNodeID() != active:
+        selection.SetReferenceActivePlaceNodeID(active)
+    return node
+
+
+def prompt_markups_node(scene, create: bool = True):
+    """The fiducial node showing click prompts (made on first use), or None."""
+    nodes = scene.GetNodesByName(MARKUPS_NAME)
+    for position in range(nodes.GetNumberOfItems()):
+        node = nodes.GetItemAsObject(position)
+        if node.IsA("vtkMRMLMarkupsFiducialNode"):
+            return node
+    if not create:
+        return None
+    node = add_private_markups_node(scene, "vtkMRMLMarkupsFiducialNode", MARKUPS_NAME)
+    node.CreateDefaultDisplayNodes()
+    return node
 
 
 def show_prompt_markers(markups_node, volume: Volume, anchors: dict[int, SlicePrompt]) -> int:
@@ -52,9 +87,8 @@ def show_prompt_boxes(scene, volume: Volume, anchors: dict[int, SlicePrompt]) ->
         corners = box_corners_ras(volume, anchors[index])
         if corners is None:
             continue
-        node = scene.AddNewNodeByClass("vtkMRMLMarkupsClosedCurveNode", f"SAM 3D box (slice {index})")
+        node = add_private_markups_node(scene, "vtkMRMLMarkupsClosedCurveNode", f"SAM 3D box (slice {index})")
         node.SetAttribute(BOX_ATTRIBUTE, "1")
-        node.SetSaveWithScene(False)
         node.SetCurveTypeToLinear()
         for corner in corners:
             node.AddControlPoint(*[float(c) for c in corner])

@@ -1,6 +1,12 @@
-"""Short messages for errors, shown to the user instead of tracebacks."""
+"""Short messages for errors, shown to the user instead of tracebacks.
+
+The library's messages advise command-line options (``--checkpoint FILE``, ``sam3d models
+download``); in Slicer the same advice names the SAM 3D module's panel instead.
+"""
 
 from __future__ import annotations
+
+import re
 
 from SAM3DSegmentLib.errors import (
     CheckpointError,
@@ -9,12 +15,40 @@ from SAM3DSegmentLib.errors import (
     ModelOutOfMemoryError,
     PropagationCancelled,
     SAM3DError,
+    ServerError,
 )
 
+MODULE = "the SAM 3D Segment module"
 OUT_OF_MEMORY_ADVICE = (
     "The model ran out of memory. Try: the CPU device, a smaller model (SAM 2.1 tiny, MedSAM2), "
     "a slice range around the object, or cropping the volume (Crop Volume module)."
 )
+SERVER_STOPPED_ADVICE = "The segment was not changed; the next action starts the SAM 3D server again."
+
+# (pattern in a library message, what to say in Slicer instead); applied in order.
+PANEL_ADVICE: tuple[tuple[str, str], ...] = (
+    (r"`?sam3d models download [\w.\-]+`?", f"press 'Download model' in {MODULE}"),
+    (r"`?sam3d models list`?", f"the model list in {MODULE}"),
+    (r"(pass|add|give|check the path given with) (a valid (checkpoint )?file with )?--checkpoint( FILE)?",
+     f"choose a local checkpoint file in {MODULE}"),
+    (r"--checkpoint FILE", f"a local checkpoint file in {MODULE}"),
+    (r"(use |choose the matching |add )?--model [\w.\- ]+", f"choose the matching model in {MODULE}"),
+    (r"drop --model/--checkpoint", f"clear the model and checkpoint in {MODULE}"),
+    (r"(use )?--engine (\w+)", rf"choose the \2 engine in {MODULE}"),
+    (r"(use )?--device (cpu or auto|\w+)", f"choose the CPU (or auto) device in {MODULE}"),
+    (r"Check --token-file\.", f"Check the server's token file in {MODULE}."),
+    (r"give --token-file \(the file `sam3d serve` printed\)", f"choose the server's token file in {MODULE}"),
+    (r"\(sam3d serve --max-volume-mb\)", "(the server's limit): crop the volume first (Crop Volume module)"),
+    (r"Is `sam3d serve` running there\?", f"Check the server URL in {MODULE} (empty: a local server)."),
+    (r"`pip install --force-reinstall ([^`]+)`", rf"press 'Install dependencies' in {MODULE}"),
+)
+
+
+def panel_advice(text: str) -> str:
+    """``text`` with command-line advice replaced by the panel's buttons and fields."""
+    for pattern, replacement in PANEL_ADVICE:
+        text = re.sub(pattern, replacement, text)
+    return text
 
 
 def user_message(error: BaseException) -> str:
@@ -22,18 +56,23 @@ def user_message(error: BaseException) -> str:
     if isinstance(error, PropagationCancelled):
         return "Cancelled; the segment was not changed."
     if isinstance(error, ModelOutOfMemoryError):
-        return str(error) or OUT_OF_MEMORY_ADVICE
+        return panel_advice(str(error)) or OUT_OF_MEMORY_ADVICE
     if isinstance(error, MemoryError) or "out of memory" in str(error).lower():
         return OUT_OF_MEMORY_ADVICE
     if isinstance(error, DependencyError):
-        return f"{error}\nOpen the SAM 3D module and press 'Install dependencies'."
+        return f"{panel_advice(str(error))}\nOpen {MODULE} and press 'Install dependencies'."
     if isinstance(error, ImportError):
-        return (
-            f"A required package is missing ({error}). "
-            "Open the SAM 3D module and press 'Install dependencies'."
-        )
+        return f"A required package is missing ({error}). Open {MODULE} and press 'Install dependencies'."
     if isinstance(error, (CheckpointError, DownloadError)):
-        return f"{error}\nDownload the model again in the SAM 3D module, or choose a local checkpoint file."
+        return (f"{panel_advice(str(error))}\nPress 'Download model' in {MODULE}, "
+                "or choose a local checkpoint file there.")
+    if isinstance(error, ServerError):
+        text = panel_advice(str(error))
+        if "not changed" not in text:
+            text += " " + SERVER_STOPPED_ADVICE
+        if "Install dependencies" not in text:
+            text += f" If this repeats, open {MODULE} and press 'Install dependencies'."
+        return text
     if isinstance(error, SAM3DError):
-        return str(error)
+        return panel_advice(str(error))
     return f"Unexpected error: {type(error).__name__}: {error}. Details are in the Python console / log."

@@ -1,9 +1,11 @@
 """Prompts, preview, propagation and re-propagation of segments, between MRML and a Session.
 
-The steps are split by thread: reading and writing MRML (``*_from_*``, ``edited_slices``,
-``write_*``) runs on the main thread; ``preview_in_session`` and ``propagate_in_session`` do the
-model work and run on the worker thread that owns the session. ``add_prompt`` and ``propagate``
-chain the steps on one thread for scripts, tests and the self-test.
+The model runs in a ``sam3d serve`` process; the session is a ``RemoteSession`` (any object with
+the session interface works, e.g. a test double). Everything here runs on Slicer's main thread:
+prompts and previews are short requests; a propagation is a job on the server that
+:meth:`SegmentPropagation.start_propagation` starts and a :class:`~.propagation_job.PropagationJob`
+polls from a timer, writing the result when it is done. ``add_prompt`` and ``propagate`` chain the
+steps for scripts, tests and the self-test (``propagate`` waits for the job).
 
 Re-propagation: the segment as last written is remembered per segment. Slices that differ
 from it when Propagate is pressed were edited by the user (any Segment Editor tool) and become
@@ -71,12 +73,26 @@ class SegmentPropagation:
         self.axis: int | None = None
         self._object_ids: dict[str, int] = {}
         self._last_written: dict[str, np.ndarray] = {}
+        self.running_job = None  # the PropagationJob in progress, if any
+
+    @property
+    def busy(self) -> bool:
+        """A propagation runs: prompts, axis changes and other propagations must wait."""
+        return self.running_job is not None and not self.running_job.finished
+
+    def refuse_while_busy(self, what: str) -> None:
+        if self.busy:
+            raise PromptError(
+                f"A propagation is running: {what} has to wait. Wait for it to finish, or press Cancel."
+            )
 
     # --- sessions and objects ---------------------------------------------------------------
 
     def use_axis(self, axis: int) -> None:
-        """Propagate along ``axis`` from now on; prompts on another axis start a new session."""
+        """Propagate along ``axis`` from now on; prompts on another axis start a new session
+        (never while a propagation runs: that is refused with a message)."""
         if self.axis is not None and axis != self.axis:
+            self.refuse_while_busy(f"a prompt in another view ({AXIS_NAMES[axis]})")
             log.info("Prompt along %s: starting a new session (prompts along %s are dropped)",
                      AXIS_NAMES[axis], AXIS_NAMES[self.axis])
             self.close()
@@ -100,11 +116,16 @@ class SegmentPropagation:
 
     def clear_prompts(self, segment_id: str) -> None:
         """Forget every prompt of the segment (its voxels stay)."""
+        self.refuse_while_busy("clearing the prompts")
         if self.session is not None:
             self.session.remove_object(self.object_id(segment_id))
         self._last_written.pop(segment_id, None)
 
     def close(self) -> None:
+        """Close the session (a running propagation is cancelled first; a dead server is ignored)."""
+        if self.busy:
+            self.running_job.abandon()
+        self.running_job = None
         if self.session is not None:
             self.session.close()
         self.session = None
@@ -112,17 +133,21 @@ class SegmentPropagation:
 
     # --- prompts (main thread builds them; worker computes the preview) ---------------------
 
+    # A prompt is built (and checked: inside the volume, large enough) before the axis changes,
+    # so a rejected click never drops the session's prompts.
+
     def point_from_ras(self, ras, positive: bool, axis: int) -> SlicePrompt:
+        prompt = point_prompt(self.volume, axis, ras, positive)
         self.use_axis(axis)
-        return point_prompt(self.volume, axis, ras, positive)
+        return prompt
 
     def box_from_ras(self, corner0_ras, corner1_ras, axis: int) -> SlicePrompt:
+        prompt = box_prompt(self.volume, axis, corner0_ras, corner1_ras)
         self.use_axis(axis)
-        return box_prompt(self.volume, axis, corner0_ras, corner1_ras)
+        return prompt
 
     def prompt_from_segment(self, segment_id: str, axis: int, index: int) -> SlicePrompt:
         """"Use the current segment on this slice as the prompt": a mask prompt from the segment."""
-        self.use_axis(axis)
         check_segment(self.segmentation_node, segment_id)
         if not 0 <= index < self.volume.shape[axis]:
             raise PromptError(f"Slice {index} is outside the volume along {AXIS_NAMES[axis]}.")
@@ -131,21 +156,23 @@ class SegmentPropagation:
             raise PromptError(
                 f"Segment is empty on slice {index}. Paint it on this slice first, or click on the object."
             )
+        self.use_axis(axis)
         return SlicePrompt(axis=axis, index=index, mask=mask)
 
     def preview_in_session(self, segment_id: str, prompt: SlicePrompt) -> Preview:
-        """Worker thread: add the prompt to the session and compute its 2D mask."""
+        """Add the prompt to the session and compute its 2D mask (one short request to the server)."""
+        self.refuse_while_busy("a new prompt")
         return self._session().add_prompt(self.object_id(segment_id), prompt)
 
     def write_preview(self, segment_id: str, preview: Preview) -> WriteReport:
-        """Main thread: show the preview in the segment on its slice (an undo state first)."""
+        """Show the preview in the segment on its slice (an undo state first)."""
         mask = np.zeros(self.volume.shape, dtype=bool)
         within = slice_index_tuple(preview.axis, preview.index)
         mask[within] = preview.mask
         return self._write(segment_id, mask, within)
 
     def add_prompt(self, segment_id: str, prompt: SlicePrompt) -> Preview:
-        """One thread: prompt, preview, write the preview slice."""
+        """Prompt, preview, write the preview slice."""
         check_segment(self.segmentation_node, segment_id)
         self.use_axis(prompt.axis)
         preview = self.preview_in_session(segment_id, prompt)
@@ -155,7 +182,7 @@ class SegmentPropagation:
     # --- propagation ------------------------------------------------------------------------
 
     def edited_slices(self, segment_id: str) -> SliceEdits:
-        """Main thread: slices along the axis where the segment differs from what was last written."""
+        """Slices along the axis where the segment differs from what was last written."""
         check_segment(self.segmentation_node, segment_id)
         edits = SliceEdits()
         last = self._last_written.get(segment_id)
@@ -171,15 +198,9 @@ class SegmentPropagation:
                 edits.emptied.append(int(index))
         return edits
 
-    def propagate_in_session(
-        self,
-        segment_id: str,
-        edits: SliceEdits,
-        options: PropagationOptions,
-        progress=None,
-        cancel=None,
-    ) -> PropagationResult:
-        """Worker thread: make edited slices anchors, then propagate (only affected runs)."""
+    def _prepare_propagation(self, segment_id: str, edits: SliceEdits):
+        """Edited slices become anchors; (session, object id) ready to propagate."""
+        self.refuse_while_busy("another propagation")
         session = self._session()
         object_id = self.object_id(segment_id)
         for index, mask in sorted(edits.masks.items()):
@@ -192,10 +213,34 @@ class SegmentPropagation:
                 "This segment has no SAM 3D prompts yet: click on the object in a slice view, drag a box, "
                 "or use the current segment on a slice as the prompt."
             )
+        return session, object_id
+
+    def propagate_in_session(
+        self,
+        segment_id: str,
+        edits: SliceEdits,
+        options: PropagationOptions,
+        progress=None,
+        cancel=None,
+    ) -> PropagationResult:
+        """Make edited slices anchors, then propagate and wait (only affected runs); writes nothing."""
+        session, object_id = self._prepare_propagation(segment_id, edits)
         return session.propagate(object_id, options, progress, cancel)
 
+    def start_propagation(self, segment_id: str, options: PropagationOptions | None = None):
+        """Start a propagation job on the server (edited slices become anchors first) and return
+        its :class:`~.propagation_job.PropagationJob`; poll that from a timer. Nothing is written
+        until the job is done."""
+        from .propagation_job import PropagationJob
+
+        edits = self.edited_slices(segment_id)
+        session, object_id = self._prepare_propagation(segment_id, edits)
+        status = session.start_propagation(object_id, options or PropagationOptions())
+        self.running_job = PropagationJob(self, segment_id, session, status, edits)
+        return self.running_job
+
     def write_result(self, segment_id: str, result: PropagationResult) -> WriteReport:
-        """Main thread: write a finished propagation into the segment (an undo state first).
+        """Write a finished propagation into the segment (an undo state first).
 
         Slices the user edited while the propagation ran are kept as the user left them (and
         still count as edited, so they become anchors next time).
@@ -225,7 +270,7 @@ class SegmentPropagation:
     def propagate(
         self, segment_id: str, options: PropagationOptions | None = None, progress=None, cancel=None
     ) -> tuple[PropagationResult, WriteReport]:
-        """One thread: edits -> anchors, propagate, write. Cancel or failure writes nothing."""
+        """Edits -> anchors, propagate, write (blocking: scripts and tests). Cancel or failure writes nothing."""
         edits = self.edited_slices(segment_id)
         result = self.propagate_in_session(segment_id, edits, options or PropagationOptions(), progress, cancel)
         return result, self.write_result(segment_id, result)

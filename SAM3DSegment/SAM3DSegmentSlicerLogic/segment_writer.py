@@ -1,5 +1,9 @@
 """Reading segments as numpy masks and writing a result into one segment.
 
+Voxels are placed in the segmentation node's own coordinates: the volume's IJK-to-world matrix
+followed by the inverse of the segmentation's parent transform (the transform between the two
+nodes' parents, as ``vtkSlicerSegmentEditorLogic`` resamples the source volume).
+
 Writing follows the Segment Editor's rules: an undo state is saved first (only when something
 changes), only the selected segment is written (plus the overwritten segments losing voxels),
 only inside the bounding box of what changed, and the masking settings are honoured.
@@ -26,6 +30,7 @@ from .masking import (
 from .volume_nodes import (
     extent_slices,
     full_extent,
+    ijk_to_node_coordinates,
     mask_from_oriented_image,
     oriented_image_from_block,
 )
@@ -88,7 +93,8 @@ def read_segment(segmentation_node, segment_id: str, volume: Volume, extent_kji:
     segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
     name = slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName()
     return mask_from_oriented_image(
-        segment.GetRepresentation(name), volume.shape, volume.ijk_to_ras, segment.GetLabelValue(), extent_kji
+        segment.GetRepresentation(name), volume.shape, ijk_to_node_coordinates(segmentation_node, volume),
+        segment.GetLabelValue(), extent_kji,
     )
 
 
@@ -150,7 +156,7 @@ def _replace_block(segmentation_node, segment_id: str, block: np.ndarray, start,
     (``MODE_REPLACE`` would clear the segment outside the block; max-merging then min-merging
     the same block replaces exactly the block.)
     """
-    image = oriented_image_from_block(block, volume.ijk_to_ras, start)
+    image = oriented_image_from_block(block, ijk_to_node_coordinates(segmentation_node, volume), start)
     logic = _segments_logic()
     for mode in (logic.MODE_MERGE_MAX, logic.MODE_MERGE_MIN):
         if not logic.SetBinaryLabelmapToSegment(image, segmentation_node, segment_id, mode, image.GetExtent()):
@@ -214,9 +220,18 @@ def write_segment(
             _replace_block(segmentation_node, other_id, kept[written], written_start, volume)
     finally:
         segmentation_node.EndModify(was_modifying)
+    mark_in_progress(segmentation_node, segment_id)
     final_extent = _offset(changed_extent, start)
     log.info("Wrote %d voxels of segment %s in extent %s", int(changed.sum()), segment_id, final_extent)
     return WriteReport(int(changed.sum()), final_extent, overwritten, examined, after)
+
+
+def mark_in_progress(segmentation_node, segment_id: str) -> None:
+    """Status "in progress" for a segment being edited that had none yet (as Slicer's editor logic does)."""
+    logic = _segments_logic()
+    segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
+    if segment is not None and logic.GetSegmentStatus(segment) == logic.NotStarted:
+        logic.SetSegmentStatus(segment, logic.InProgress)
 
 
 def segmentation_history(segmentation_node, max_states: int = 20):

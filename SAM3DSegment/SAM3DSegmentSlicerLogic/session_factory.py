@@ -1,4 +1,5 @@
-"""The session factory of the panel's settings, through the library's engine choice."""
+"""Sessions for the Slicer logic: on a ``sam3d serve`` server in Slicer (see :mod:`.server_process`);
+in process only for scripts and benchmarks outside Slicer."""
 
 from __future__ import annotations
 
@@ -7,17 +8,37 @@ import logging
 from SAM3DSegmentLib.data.volume import Volume
 
 from .segment_propagation import SessionFactory
-from .settings import PanelSettings
+from .server_process import ServerSpec
 
 log = logging.getLogger(__name__)
 
 
-def session_factory_for(settings: PanelSettings) -> SessionFactory:
-    """A factory opening sessions of the engine the settings ask for ("auto" picks one and says why)."""
+def remote_session_factory(connection, spec: ServerSpec) -> SessionFactory:
+    """A factory opening sessions on ``connection`` (a ``ServerConnection``).
+
+    A local server was started with the settings' engine and model, so its sessions use its
+    defaults; sessions on a remote server ask for the settings' engine and model by name.
+    """
+
+    def open_for(volume: Volume, axis: int):
+        if spec.remote:
+            engine = None if spec.engine == "auto" else spec.engine
+            return connection.open_session(volume, axis, engine=engine, model=spec.model or None)
+        return connection.open_session(volume, axis)
+
+    where = spec.url if spec.remote else "local server"
+    open_for.reason = f"{spec.engine}{' / ' + spec.model if spec.model else ''} on {where}"  # type: ignore[attr-defined]
+    return open_for
+
+
+def session_factory_for(settings) -> SessionFactory:
+    """In-process sessions of the engine the settings ask for, for scripts and benchmarks OUTSIDE
+    Slicer (e.g. benchmarks/slicer_writes.py). The Slicer effect and self-test never use it: in
+    Slicer the model runs in the server process (:func:`remote_session_factory`)."""
     from SAM3DSegmentLib.engines.choice import choose_engine, open_session
 
     choice = choose_engine(settings.engine, settings.model or None, settings.checkpoint or None)
-    log.info("SAM 3D engine: %s (%s)", choice.engine, choice.reason)
+    log.info("SAM 3D engine (in process): %s (%s)", choice.engine, choice.reason)
     device = None if settings.device == "auto" else settings.device
     options = settings.engine_options() if choice.engine != "sam2" else {}
 

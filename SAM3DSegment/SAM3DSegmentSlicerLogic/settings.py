@@ -15,7 +15,9 @@ PREFIX = "SAM3D."
 
 @dataclass
 class PanelSettings:
-    """Engine, model, device and propagation options (0 in a slice limit means "volume edge")."""
+    """Engine, model, device, propagation options (-1 in a slice limit means "volume edge"), and the
+    server: empty ``server_url`` starts a local ``sam3d serve``; otherwise the URL of a running server
+    and the file holding its token (the token itself is never stored in the scene)."""
 
     engine: str = "auto"
     model: str = ""
@@ -28,6 +30,8 @@ class PanelSettings:
     min_score: float = 0.5
     patience: int = 2
     projection: str = "box"
+    server_url: str = ""
+    server_token_file: str = ""
 
     def propagation_options(self, n_slices: int) -> PropagationOptions:
         """The library's options; slice limits of -1 mean the volume's first / last slice."""
@@ -48,6 +52,10 @@ class PanelSettings:
     def engine_options(self) -> dict:
         """Options passed to the engine factory (the projection mode of sliding-window engines)."""
         return {} if self.engine == "sam2" else {"projection": self.projection}
+
+    @property
+    def uses_remote_server(self) -> bool:
+        return bool(self.server_url.strip())
 
 
 def save_settings(settings: PanelSettings, node) -> None:

@@ -98,3 +98,38 @@ def prompt_markers_ras(volume: Volume, prompt: SlicePrompt) -> list[tuple[np.nda
         (volume.kji_to_ras(slice_to_kji(prompt.axis, prompt.index, p.row, p.col)), p.positive)
         for p in prompt.points
     ]
+
+
+# --- keyboard shortcuts and right-drag zoom of the effect (pure functions, tested) ---------------
+
+SHORTCUTS: dict[str, tuple[str, str]] = {
+    "i": ("include", "left-clicks add include points"),
+    "e": ("exclude", "left-clicks add exclude points"),
+    "x": ("box", "left-drags draw a box"),
+    "p": ("propagate", "propagate (or re-propagate) the selected segment"),
+    "Escape": ("cancel", "cancel the running propagation"),
+    "c": ("clear", "clear the selected segment's prompts"),
+}
+"""Keys (VTK key symbols) in a slice view while the effect is active. Slicer's own slice-view keys
+(b, f, g, r, t, v, arrows, brackets) are left alone."""
+
+
+def shortcut_action(key_sym: str, modifiers: bool = False) -> str | None:
+    """The effect's action for a key press in a slice view, or None (the key is Slicer's)."""
+    if modifiers or key_sym not in SHORTCUTS:
+        return None
+    return SHORTCUTS[key_sym][0]
+
+
+def shortcuts_help_html() -> str:
+    rows = "".join(f"<b>{'Esc' if key == 'Escape' else key}</b>: {text}; " for key, (_, text) in SHORTCUTS.items())
+    return f"Keys in a slice view: {rows.rstrip('; ')}."
+
+
+def zoomed_field_of_view(start_fov, delta_y: int, window_height: int):
+    """The slice view's field of view after a right-drag of ``delta_y`` pixels, as Slicer's
+    ``vtkMRMLSliceIntersectionWidget::ProcessZoomSlice`` computes it (None: no valid zoom)."""
+    percent = (window_height + delta_y) / (1.0 * max(window_height, 1))
+    if percent <= 0:
+        return None
+    return (start_fov[0] * percent, start_fov[1] * percent, start_fov[2])

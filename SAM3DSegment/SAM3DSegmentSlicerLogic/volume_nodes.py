@@ -22,22 +22,32 @@ def numpy_to_matrix(array: np.ndarray) -> vtk.vtkMatrix4x4:
     return matrix
 
 
+def node_to_world(node) -> np.ndarray:
+    """The linear transform from ``node``'s own coordinates to world RAS (identity without a parent transform)."""
+    transform_node = node.GetParentTransformNode()
+    if transform_node is None:
+        return np.eye(4)
+    if not transform_node.IsTransformToWorldLinear():
+        raise InputError(
+            f"'{node.GetName()}' is under a non-linear transform. "
+            "Harden the transform (Data module: right-click > Harden transform) first."
+        )
+    to_world = vtk.vtkMatrix4x4()
+    transform_node.GetMatrixTransformToWorld(to_world)
+    return matrix_to_numpy(to_world)
+
+
 def ijk_to_world(volume_node) -> np.ndarray:
     """IJK-to-RAS of ``volume_node`` including a linear parent transform (world RAS)."""
     matrix = vtk.vtkMatrix4x4()
     volume_node.GetIJKToRASMatrix(matrix)
-    ijk_to_ras = matrix_to_numpy(matrix)
-    transform_node = volume_node.GetParentTransformNode()
-    if transform_node is not None:
-        if not transform_node.IsTransformToWorldLinear():
-            raise InputError(
-                f"Volume '{volume_node.GetName()}' is under a non-linear transform. "
-                "Harden the transform (Data module: right-click > Harden transform) first."
-            )
-        to_world = vtk.vtkMatrix4x4()
-        transform_node.GetMatrixTransformToWorld(to_world)
-        ijk_to_ras = matrix_to_numpy(to_world) @ ijk_to_ras
-    return ijk_to_ras
+    return node_to_world(volume_node) @ matrix_to_numpy(matrix)
+
+
+def ijk_to_node_coordinates(node, volume: Volume) -> np.ndarray:
+    """The volume's voxels (IJK) in ``node``'s own coordinates: the volume's IJK-to-world followed by
+    the inverse of ``node``'s parent transform (e.g. a segmentation under its own transform)."""
+    return np.linalg.inv(node_to_world(node)) @ np.asarray(volume.ijk_to_ras, dtype=float)
 
 
 def volume_from_node(volume_node) -> Volume:

@@ -1,9 +1,11 @@
 """Segment Editor effect "SAM 3D": click/box prompts in slice views, preview, propagate, cancel.
 
-Thin Qt layer: it turns mouse events into RAS points and calls SAM3DSegmentSlicerLogic. Model
-work runs on one worker thread (ModelWorker); a QTimer polls its events and writes results into
-the segment on the main thread. Left-click: include point; right-click or Ctrl+left-click:
-exclude point; Shift+drag: box.
+Thin Qt layer: it turns mouse and key events into RAS points and calls SAM3DSegmentSlicerLogic.
+The model runs in a ``sam3d serve`` process (started with Slicer's Python on first use, or the
+server set in the SAM 3D module), never in a thread of Slicer: previews are short requests, a
+propagation is a job on the server that a QTimer polls (``_poll``), writing the result into the
+segment when it is done. Left-click: include point; right-click or Ctrl+left-click: exclude point;
+Shift+drag: box; keys: see ``helpText``.
 """
 
 import logging
@@ -22,7 +24,7 @@ if MODULE_DIR not in sys.path:
 
 EFFECT_NAME = "SAM 3D"
 CLICK_TOLERANCE_PX = 4
-MARKUPS_NAME = "SAM 3D prompts"
+POLL_INTERVAL_MS = 100
 
 
 class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
@@ -35,11 +37,16 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         AbstractScriptedSegmentEditorEffect.__init__(self, scriptedEffect)
         self.propagation = None
         self._propagationKey = None
-        self.worker = None
-        self.pollTimer = None
-        self._callbacks = {}
+        self.server = None  # ServerLink: the local server process or a server URL
+        self.job = None  # the PropagationJob being polled
+        self._pendingAction = None  # (label, callable) waiting for the server to start
+        self.pollTimer = qt.QTimer()
+        self.pollTimer.setInterval(POLL_INTERVAL_MS)
+        self.pollTimer.connect("timeout()", self._poll)
         self._pressXY = None
+        self._rightPress = None  # (xy, start field of view, viewWidget, zooming)
         self._boxStart = None  # (xy, ras, viewWidget)
+        self._clickMode = "include"
         self._rubberBands = {}
         self._lastSliceWidget = None
         self._propagatedSegments = set()
@@ -58,14 +65,19 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         return qt.QIcon(iconPath) if os.path.exists(iconPath) else qt.QIcon()
 
     def helpText(self):
+        from SAM3DSegmentSlicerLogic.view_prompts import shortcuts_help_html
+
         return (
             "<html>Segment the selected segment in 3D with Segment Anything models.<p>"
-            "<b>Left-click</b>: include point. <b>Right-click</b> or <b>Ctrl+click</b>: exclude point. "
-            "<b>Shift+drag</b>: box. The slice updates after each prompt (preview).<p>"
+            "<b>Left-click</b>: include point. <b>Right-click</b> or <b>Ctrl+click</b>: exclude point "
+            "(right-drag still zooms). <b>Shift+drag</b>: box. The slice updates after each prompt (preview). "
+            "Clicks outside the volume are ignored with a message.<p>"
+            f"{shortcuts_help_html()}<p>"
             "<b>Propagate</b> fills the volume along the axis of the view you prompted in. Correct any "
             "slice with any tool and press <b>Re-propagate</b>: corrected slices become anchors and only "
             "the slices between them are recomputed. Undo restores the segment. Settings (engine, model, "
-            "stop rule) are in the SAM 3D Segment module.</html>"
+            "stop rule, server) are in the SAM 3D Segment module; the model runs in a separate server "
+            "process, started on first use.</html>"
         )
 
     def setupOptionsFrame(self):
@@ -79,13 +91,13 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.scriptedEffect.addOptionsWidget(self.useSegmentButton)
 
         self.propagateButton = qt.QPushButton("Propagate")
-        self.propagateButton.toolTip = "Fill the volume from the prompted slices (direction, range and stop rule: SAM 3D module)."
+        self.propagateButton.toolTip = "Fill the volume from the prompted slices (direction, range and stop rule: SAM 3D module). Key: p."
         self.propagateButton.connect("clicked()", self.onPropagate)
         self.repropagateButton = qt.QPushButton("Re-propagate")
         self.repropagateButton.toolTip = "Slices you corrected since the last propagation become anchors; only the slices between anchors are recomputed."
         self.repropagateButton.connect("clicked()", self.onPropagate)
         self.cancelButton = qt.QPushButton("Cancel")
-        self.cancelButton.toolTip = "Stop the running propagation; the segment is left as it was."
+        self.cancelButton.toolTip = "Stop the running propagation; the segment is left as it was. Key: Esc."
         self.cancelButton.connect("clicked()", self.onCancel)
         buttons = qt.QHBoxLayout()
         for button in (self.propagateButton, self.repropagateButton, self.cancelButton):
@@ -100,7 +112,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.showMarkersCheckBox.checked = True
         self.showMarkersCheckBox.connect("toggled(bool)", self.updateMRMLFromGUI)
         self.clearPromptsButton = qt.QPushButton("Clear prompts")
-        self.clearPromptsButton.toolTip = "Forget this segment's prompts and remove the markers (the segment's voxels stay)."
+        self.clearPromptsButton.toolTip = "Forget this segment's prompts and remove the markers (the segment's voxels stay). Key: c."
         self.clearPromptsButton.connect("clicked()", self.onClearPrompts)
         row = qt.QHBoxLayout()
         row.addWidget(self.showMarkersCheckBox)
@@ -123,7 +135,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.showMarkersCheckBox.checked = self.scriptedEffect.integerParameter("ShowPromptMarkers") != 0
         self.showMarkersCheckBox.blockSignals(blocked)
         settings = self._moduleSettings()
-        self.engineLabel.text = f"{settings.engine}" + (f" / {settings.model}" if settings.model else "")
+        where = f" on {settings.server_url}" if settings.uses_remote_server else ""
+        self.engineLabel.text = f"{settings.engine}" + (f" / {settings.model}" if settings.model else "") + where
         self.updateButtons()
 
     def updateMRMLFromGUI(self, *unused):
@@ -131,19 +144,31 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.updateMarkers()
 
     def activate(self):
-        self._ensureWorker()
         self.updateMarkers()
 
     def deactivate(self):
+        """Leaving the effect stops polling: a running propagation is cancelled (the segment stays as
+        it was) and an action waiting for the server is dropped."""
+        self._stopPolling(cancelJob=True)
         for viewWidget in list(self._rubberBands):
             self._removeRubberBand(viewWidget)
         self._boxStart = None
-        from SAM3DSegmentSlicerLogic.markers import clear_prompt_boxes
+        self._rightPress = None
+        from SAM3DSegmentSlicerLogic.markers import clear_prompt_boxes, prompt_markups_node
 
-        markups = self._markupsNode(create=False)
+        markups = prompt_markups_node(slicer.mrmlScene, create=False)
         if markups is not None and markups.GetDisplayNode() is not None:
             markups.GetDisplayNode().SetVisibility(False)
         clear_prompt_boxes(slicer.mrmlScene)  # redrawn on activate
+
+    def cleanup(self):
+        """Before the effect is deleted: stop polling, disconnect the timer and close the session
+        (see AbstractScriptedSegmentEditorEffect.cleanup). The shared local server stays for other
+        editors; it stops with Slicer or with the module's 'Stop local server' button."""
+        self._stopPolling(cancelJob=True)
+        self.pollTimer.disconnect("timeout()", self._poll)
+        self._resetPropagation()
+        self.server = None
 
     def sourceVolumeNodeChanged(self):
         self._resetPropagation()
@@ -155,194 +180,293 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self._resetPropagation()
 
     def layoutChanged(self):
+        """Views may be gone: remove our rubber-band actors from the views before forgetting them."""
+        for viewWidget in list(self._rubberBands):
+            try:
+                self._removeRubberBand(viewWidget)
+            except Exception:  # the view was already deleted with its renderer
+                self._rubberBands.pop(viewWidget, None)
         self._rubberBands = {}
+        self._boxStart = None
+        self._rightPress = None
+        self._lastSliceWidget = None
 
     def processInteractionEvents(self, callerInteractor, eventId, viewWidget):
-        """Clicks and Shift+drags in slice views become prompts; returns True to consume the event."""
+        """Clicks, Shift+drags and keys in slice views become prompts; returns True to consume the event."""
         if viewWidget.className() != "qMRMLSliceWidget":
             return False
         xy = callerInteractor.GetEventPosition()
+        shift, control, alt = callerInteractor.GetShiftKey(), callerInteractor.GetControlKey(), callerInteractor.GetAltKey()
+        if eventId == vtk.vtkCommand.KeyPressEvent:
+            return self._onKey(callerInteractor.GetKeySym(), shift or control or alt)
+        if eventId == vtk.vtkCommand.LeftButtonDoubleClickEvent:
+            return True  # a double click is two clicks already handled; Slicer must not act on it
         if eventId == vtk.vtkCommand.LeftButtonPressEvent:
             self._lastSliceWidget = viewWidget
-            if callerInteractor.GetShiftKey():
+            if shift or (self._clickMode == "box" and not control):
                 self._boxStart = (xy, self.xyToRas(xy, viewWidget), viewWidget)
                 self._updateRubberBand(viewWidget, xy, xy)
             else:
                 self._pressXY = xy
             return True
-        if eventId == vtk.vtkCommand.MouseMoveEvent and self._boxStart is not None:
-            if self._boxStart[2] is viewWidget:
+        if eventId == vtk.vtkCommand.MouseMoveEvent:
+            if self._boxStart is not None and self._boxStart[2] is viewWidget:
                 self._updateRubberBand(viewWidget, self._boxStart[0], xy)
                 return True
+            if self._rightPress is not None and self._rightPress[2] is viewWidget:
+                return self._rightDrag(viewWidget, xy)
             return False
         if eventId == vtk.vtkCommand.LeftButtonReleaseEvent:
             if self._boxStart is not None:
                 startXY, startRas, startView = self._boxStart
                 self._boxStart = None
                 self._removeRubberBand(startView)
-                if startView is viewWidget:
+                if startView is viewWidget and not _close(startXY, xy):
                     endRas = self.xyToRas(xy, viewWidget)
                     self.addPrompt(viewWidget, lambda axis: self.propagation.box_from_ras(startRas, endRas, axis))
                 return True
             if self._pressXY is not None and _close(self._pressXY, xy):
                 ras = self.xyToRas(xy, viewWidget)
-                positive = not callerInteractor.GetControlKey()
+                positive = (self._clickMode != "exclude") != bool(control)
                 self.addPrompt(viewWidget, lambda axis: self.propagation.point_from_ras(ras, positive, axis))
             self._pressXY = None
             return True
         if eventId == vtk.vtkCommand.RightButtonPressEvent:
+            if shift or control or alt:
+                return False  # Slicer's own right-button actions (e.g. Alt+right-drag zoom)
             self._lastSliceWidget = viewWidget
-            self._pressXY = xy
-            return True
+            sliceNode = viewWidget.sliceLogic().GetSliceNode()
+            self._rightPress = (xy, tuple(sliceNode.GetFieldOfView()), viewWidget, False)
+            return True  # a prompt, or a zoom that _rightDrag does as Slicer does
         if eventId == vtk.vtkCommand.RightButtonReleaseEvent:
-            if self._pressXY is not None and _close(self._pressXY, xy):
+            if self._rightPress is None:
+                return False  # the press was Slicer's: so is the release
+            startXY, _, startView, zooming = self._rightPress
+            self._rightPress = None
+            if not zooming and startView is viewWidget and _close(startXY, xy):
                 ras = self.xyToRas(xy, viewWidget)
                 self.addPrompt(viewWidget, lambda axis: self.propagation.point_from_ras(ras, False, axis))
-            self._pressXY = None
             return True
         return False
 
     # --- actions -------------------------------------------------------------------------------
 
     def addPrompt(self, viewWidget, makePrompt):
-        """Build the prompt on the main thread; the worker computes the preview."""
-        try:
-            segmentId = self._selectedSegmentId()
-            self._ensurePropagation()
-            previousAxis = self.propagation.axis
-            prompt = makePrompt(self._viewAxis(viewWidget))
-        except Exception as error:
-            self._showError(error)
+        """A click or box: the prompt is built and previewed as soon as the server is ready."""
+        confirmed = self.scriptedEffect.confirmCurrentSegmentVisible()
+        if confirmed == self.scriptedEffect.NotConfirmed:
             return
-        self._submitPreview(segmentId, prompt)
-        if previousAxis is not None and previousAxis != prompt.axis:
-            self.statusLabel.text = "Prompted in another view: propagation now follows this view; earlier prompts were dropped."
+        self._whenServerReady("prompt", lambda: self._previewNow(viewWidget, makePrompt))
 
-    def _submitPreview(self, segmentId, prompt):
-        """The worker computes the 2D preview of ``prompt``; the main thread writes it."""
-        propagation = self.propagation
-        self._submit(
-            "preview",
-            lambda progress, cancelled: propagation.preview_in_session(segmentId, prompt),
-            lambda preview: self._finishPreview(propagation, segmentId, preview),
-        )
+    def _previewNow(self, viewWidget, makePrompt):
+        segmentId = self._selectedSegmentId()
+        self._ensurePropagation()
+        previousAxis = self.propagation.axis
+        prompt = makePrompt(self._viewAxis(viewWidget))  # a click outside the volume raises here: prompts kept
+        preview = self.propagation.add_prompt(segmentId, prompt)
+        score = "" if preview.score is None else f", score {preview.score:.2f}"
+        self.statusLabel.text = f"Preview on slice {preview.index} in {preview.seconds:.2f} s{score}"
+        if previousAxis is not None and previousAxis != prompt.axis:
+            self.statusLabel.text += ". Prompted in another view: propagation now follows this view; earlier prompts were dropped."
+        self.updateMarkers()
 
     def onUseSegmentAsPrompt(self):
         viewWidget = self._lastSliceWidget or slicer.app.layoutManager().sliceWidget("Red")
+        self._whenServerReady("prompt", lambda: self._useSegmentNow(viewWidget))
+
+    def _useSegmentNow(self, viewWidget):
         from SAM3DSegmentSlicerLogic.view_prompts import slice_index_of_view
 
-        try:
-            segmentId = self._selectedSegmentId()
-            self._ensurePropagation()
-            axis = self._viewAxis(viewWidget)
-            index = slice_index_of_view(self.propagation.volume, axis, _sliceToRas(viewWidget))
-            prompt = self.propagation.prompt_from_segment(segmentId, axis, index)
-        except Exception as error:
-            self._showError(error)
-            return
-        self._submitPreview(segmentId, prompt)
+        segmentId = self._selectedSegmentId()
+        self._ensurePropagation()
+        axis = self._viewAxis(viewWidget)
+        index = slice_index_of_view(self.propagation.volume, axis, _sliceToRas(viewWidget))
+        prompt = self.propagation.prompt_from_segment(segmentId, axis, index)
+        preview = self.propagation.add_prompt(segmentId, prompt)
+        self.statusLabel.text = f"Segment on slice {preview.index} is the prompt"
+        self.updateMarkers()
 
     def onPropagate(self):
-        try:
-            segmentId = self._selectedSegmentId()
-            self._ensurePropagation()
-            propagation = self.propagation
-            if propagation.axis is None:
-                raise _promptError("Click on the object in a slice view first (or use the current segment as prompt).")
-            options = self._moduleSettings().propagation_options(propagation.volume.shape[propagation.axis])
-            edits = propagation.edited_slices(segmentId)  # MRML read on the main thread
-        except Exception as error:
-            self._showError(error)
+        if self.scriptedEffect.confirmCurrentSegmentVisible() == self.scriptedEffect.NotConfirmed:
             return
-        if edits.masks:
-            self.statusLabel.text = f"Edited slices become anchors: {sorted(edits.masks)}"
+        self._whenServerReady("propagation", self._propagateNow)
+
+    def _propagateNow(self):
+        segmentId = self._selectedSegmentId()
+        self._ensurePropagation()
+        propagation = self.propagation
+        if propagation.axis is None:
+            raise _promptError("Click on the object in a slice view first (or use the current segment as prompt).")
+        options = self._moduleSettings().propagation_options(propagation.volume.shape[propagation.axis])
+        self.job = propagation.start_propagation(segmentId, options)
+        edited = sorted(self.job.edits.masks) if self.job.edits is not None else []
+        self.statusLabel.text = "Propagating..." + (f" Edited slices become anchors: {edited}" if edited else "")
+        self.progressBar.maximum = 0  # busy until the first progress report
         self.progressBar.setVisible(True)
-        self.progressBar.value = 0
-        self._submit(
-            "propagation",
-            lambda progress, cancelled: propagation.propagate_in_session(segmentId, edits, options, progress, cancelled),
-            lambda result: self._finishPropagation(propagation, segmentId, result),
-        )
+        self.pollTimer.start()
+        self.updateButtons()
 
     def onCancel(self):
-        if self.worker is not None:
-            self.worker.cancel()
-        self.statusLabel.text = "Cancelling..."
+        if self._pendingAction is not None:
+            self._pendingAction = None
+            self.statusLabel.text = "Cancelled; nothing was changed."
+        if self.job is not None and not self.job.finished:
+            self.job.cancel()
+            self.statusLabel.text = "Cancelling..."
+        self.updateButtons()
 
     def onClearPrompts(self):
         if self.propagation is None:
             return
         try:
             segmentId = self._selectedSegmentId()
+            self.propagation.clear_prompts(segmentId)
         except Exception as error:
             self._showError(error)
             return
-        propagation = self.propagation
-        self._submit("clear prompts", lambda progress, cancelled: propagation.clear_prompts(segmentId),
-                     lambda unused: self.updateMarkers())
         self._propagatedSegments.discard(segmentId)
-
-    # --- results on the main thread --------------------------------------------------------------
-
-    def _finishPreview(self, propagation, segmentId, preview):
-        report = propagation.write_preview(segmentId, preview)
-        score = "" if preview.score is None else f", score {preview.score:.2f}"
-        self.statusLabel.text = f"Preview on slice {preview.index} in {preview.seconds:.2f} s{score} ({report.changed_voxels} voxels changed)"
+        self.statusLabel.text = "Prompts cleared (the segment's voxels stay)."
         self.updateMarkers()
 
-    def _finishPropagation(self, propagation, segmentId, result):
-        report = propagation.write_result(segmentId, result)
-        self._propagatedSegments.add(segmentId)
-        slices = result.slices_with_object
-        extent = f"slices {slices[0]}..{slices[-1]}" if slices else "no slices"
-        stops = "; ".join(result.stop_reasons.values())
-        self.statusLabel.text = (
-            f"{result.engine}: {extent}, {len(result.slices_computed)} computed, {result.slices_encoded} encoded, "
-            f"{result.seconds:.1f} s, {report.changed_voxels} voxels changed. {stops}"
-        )
+    def _onKey(self, keySym, modifiers):
+        from SAM3DSegmentSlicerLogic.view_prompts import shortcut_action
+
+        action = shortcut_action(keySym, modifiers)
+        if action in ("include", "exclude", "box"):
+            self._clickMode = action
+            self.statusLabel.text = {"include": "Left-click: include points.", "exclude": "Left-click: exclude points.",
+                                     "box": "Left-drag: box."}[action]
+        elif action == "propagate":
+            self.onPropagate()
+        elif action == "cancel":
+            self.onCancel()
+        elif action == "clear":
+            self.onClearPrompts()
+        return action is not None
+
+    # --- the server and the poll on the main thread ------------------------------------------------
+
+    def _whenServerReady(self, label, action):
+        """Run ``action`` now if the server is ready, else as soon as it is (the timer polls);
+        refused while a propagation runs. Errors are shown; a server that died is forgotten."""
+        if self.job is not None and not self.job.finished:
+            self.statusLabel.text = f"A propagation is running: the {label} was not taken. Wait for it, or press Cancel."
+            return
+        try:
+            connection = self._connection()
+        except Exception as error:
+            self._handleError(error)
+            return
+        if connection is None:
+            self._pendingAction = (label, action)
+            self.statusLabel.text = "Starting the SAM 3D server (the first time loads the model)..."
+            self.progressBar.maximum = 0
+            self.progressBar.setVisible(True)
+            self.pollTimer.start()
+            self.updateButtons()
+            return
+        self._run(action)
+
+    def _run(self, action):
+        try:
+            action()
+        except Exception as error:
+            self._handleError(error)
         self.updateButtons()
 
     def _poll(self):
-        from SAM3DSegmentSlicerLogic.messages import user_message
-
-        for event in self.worker.poll():
-            if event.kind == "progress":
-                self.progressBar.maximum = max(event.total, 1)
-                self.progressBar.value = event.done
-                continue
-            callback = self._callbacks.pop(event.job_id, None)
-            if event.kind == "finished" and callback is not None:
-                try:
-                    callback(event.result)
-                except Exception as error:  # writing failed: report it, never lose the message
-                    self._showError(error)
-            elif event.kind == "cancelled":
-                self.statusLabel.text = user_message(event.error)
-            elif event.kind == "failed":
-                self._showError(event.error)
-        if not self.worker.busy:
+        """QTimer: one non-blocking look at the starting server and one status request of the job."""
+        if self._pendingAction is not None:
+            try:
+                connection = self._connection()
+            except Exception as error:
+                self._pendingAction = None
+                self._handleError(error)
+                connection = None
+            if connection is not None:
+                _, action = self._pendingAction
+                self._pendingAction = None
+                self.progressBar.setVisible(False)
+                self._run(action)
+        if self.job is not None:
+            update = self.job.poll()  # writes the result itself when the job is done
+            if update.total:
+                self.progressBar.maximum = max(update.total, 1)
+                self.progressBar.value = update.done
+            if update.finished:
+                self._finishJob(self.job, update)
+        if self._pendingAction is None and self.job is None:
             self.pollTimer.stop()
             self.progressBar.setVisible(False)
         self.updateButtons()
 
-    # --- helpers -----------------------------------------------------------------------------------
+    def _finishJob(self, job, update):
+        from SAM3DSegmentSlicerLogic.messages import user_message
 
-    def _ensureWorker(self):
-        if self.worker is None:
-            from SAM3DSegmentSlicerLogic.worker import ModelWorker
+        self.job = None
+        if update.state == "done":
+            result, report = update.result, update.report
+            self._propagatedSegments.add(job.segment_id)
+            slices = result.slices_with_object
+            extent = f"slices {slices[0]}..{slices[-1]}" if slices else "no slices"
+            stops = "; ".join(result.stop_reasons.values())
+            kept = f" Kept your edits on slices {report.kept_slices}." if report.kept_slices else ""
+            self.statusLabel.text = (
+                f"{result.engine}: {extent}, {len(result.slices_computed)} computed, {result.slices_encoded} encoded, "
+                f"{result.seconds:.1f} s, {report.changed_voxels} voxels changed. {stops}{kept}"
+            )
+        elif update.state == "cancelled":
+            self.statusLabel.text = user_message(update.error)
+        else:
+            self._handleError(update.error)
 
-            self.worker = ModelWorker()
-            self.pollTimer = qt.QTimer()
-            self.pollTimer.setInterval(100)
-            self.pollTimer.connect("timeout()", self._poll)
-
-    def _submit(self, label, job, onFinished):
-        self._ensureWorker()
-        jobId = self.worker.submit(job, label)
-        self._callbacks[jobId] = onFinished
-        self.statusLabel.text = f"Running {label}..."
-        self.pollTimer.start()
+    def _stopPolling(self, cancelJob):
+        self._pendingAction = None
+        if cancelJob and self.job is not None and not self.job.finished:
+            self.job.abandon()  # one request; the server stops at its next slice, nothing is written
+        self.job = None
+        self.pollTimer.stop()
+        if hasattr(self, "progressBar"):
+            self.progressBar.setVisible(False)
         self.updateButtons()
+
+    def _serverSpec(self):
+        from SAM3DSegmentSlicerLogic.server_process import ServerSpec
+
+        return ServerSpec.from_settings(self._moduleSettings())
+
+    def _connection(self):
+        """The server connection, or None while the local server starts (never blocks)."""
+        from SAM3DSegmentSlicerLogic.server_process import shared_server_link
+
+        if self.server is None:
+            self.server = shared_server_link()
+        spec = self._serverSpec()
+        connection = self.server.connection(spec)  # raises ServerError when the local server died
+        if connection is not None and self.propagation is not None and self.propagation.session is not None:
+            if getattr(self.propagation.session, "connection", None) is not connection:
+                self._resetPropagation()  # a restarted server has none of the old sessions
+        return connection
+
+    def _handleError(self, error):
+        from SAM3DSegmentLib.errors import ServerError
+
+        if isinstance(error, ServerError):
+            # A dead local server is forgotten (the next action starts a new one); a remote server is
+            # reconnected. Sessions do not survive either: the segment's prompts start afresh.
+            if self.server is not None:
+                if self.server.local is None or "did not answer" in str(error):
+                    self.server.forget()
+                else:
+                    try:
+                        self.server.check()
+                    except ServerError:
+                        pass  # forgotten by check()
+            self.job = None
+            self._resetPropagation(closeSession=False)
+        self._showError(error)
+
+    # --- helpers -----------------------------------------------------------------------------------
 
     def _moduleSettings(self):
         from SAM3DSegmentSlicerLogic.settings import load_settings
@@ -354,19 +478,23 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         """The logic for the current source volume, segmentation and engine settings."""
         from SAM3DSegmentSlicerLogic.masking import masking_from_editor_node
         from SAM3DSegmentSlicerLogic.segment_propagation import SegmentPropagation
-        from SAM3DSegmentSlicerLogic.session_factory import session_factory_for
+        from SAM3DSegmentSlicerLogic.session_factory import remote_session_factory
 
         parameterSetNode = self.scriptedEffect.parameterSetNode()
         volumeNode = _sourceVolume(parameterSetNode)
         segmentationNode = parameterSetNode.GetSegmentationNode()
+        spec = self._serverSpec()
         settings = self._moduleSettings()
         key = (volumeNode.GetID() if volumeNode else None, segmentationNode.GetID() if segmentationNode else None,
-               settings.engine, settings.model, settings.checkpoint, settings.device, settings.projection)
+               spec, settings.projection)
         if self.propagation is not None and key == self._propagationKey:
             return
         self._resetPropagation()
-        factory = session_factory_for(settings)  # raises a clear error when the engine cannot run
-        self.engineLabel.text = getattr(factory, "reason", settings.engine)
+        connection = self._connection()
+        if connection is None:
+            raise _promptError("The SAM 3D server is still starting; try again in a moment.")
+        factory = remote_session_factory(connection, spec)
+        self.engineLabel.text = factory.reason
         self.propagation = SegmentPropagation(
             volumeNode, segmentationNode, factory,
             masking=lambda: masking_from_editor_node(self.scriptedEffect.parameterSetNode()),
@@ -374,11 +502,15 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         )
         self._propagationKey = key
 
-    def _resetPropagation(self):
-        if self.propagation is not None:
-            old = self.propagation
-            self._ensureWorker()
-            self.worker.submit(lambda progress, cancelled: old.close(), "close session")
+    def _resetPropagation(self, closeSession=True):
+        if self.job is not None and not self.job.finished:
+            self.job.abandon()
+        self.job = None
+        if self.propagation is not None and closeSession:
+            try:
+                self.propagation.close()  # one short request; a server that is gone is ignored
+            except Exception as error:
+                logging.warning("SAM 3D: closing the session: %s", error)
         self.propagation = None
         self._propagationKey = None
         self._propagatedSegments.clear()
@@ -397,16 +529,20 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         return axis_of_view(_sliceToRas(viewWidget), self.propagation.volume.ijk_to_ras)
 
     def _showError(self, error):
+        from SAM3DSegmentLib.errors import PromptError
         from SAM3DSegmentSlicerLogic.messages import user_message
 
         logging.error("SAM 3D: %s", error, exc_info=not _isExpected(error))
+        if isinstance(error, PromptError):  # e.g. a click outside the volume: ignored, with a message
+            self.statusLabel.text = user_message(error)
+            return
         self.statusLabel.text = ""
         slicer.util.errorDisplay(user_message(error), windowTitle="SAM 3D")
 
     def updateButtons(self):
         if not hasattr(self, "propagateButton"):
             return
-        busy = self.worker is not None and self.worker.busy
+        busy = (self.job is not None and not self.job.finished) or self._pendingAction is not None
         try:
             segmentId = self.scriptedEffect.parameterSetNode().GetSelectedSegmentID()
         except Exception:
@@ -415,34 +551,24 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.repropagateButton.enabled = not busy and segmentId in self._propagatedSegments
         self.cancelButton.enabled = busy
         self.useSegmentButton.enabled = not busy
-
-    def _markupsNode(self, create=True):
-        nodes = slicer.mrmlScene.GetNodesByName(MARKUPS_NAME)
-        if nodes.GetNumberOfItems():
-            return nodes.GetItemAsObject(0)
-        if not create:
-            return None
-        node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", MARKUPS_NAME)
-        node.SetSaveWithScene(False)
-        node.SetHideFromEditors(True)
-        node.CreateDefaultDisplayNodes()
-        return node
+        self.clearPromptsButton.enabled = not busy
 
     def updateMarkers(self):
         """Show the selected segment's clicks (+/-) and boxes, or clear them."""
         from SAM3DSegmentSlicerLogic.markers import (
             clear_prompt_boxes,
             clear_prompt_markers,
+            prompt_markups_node,
             show_prompt_boxes,
             show_prompt_markers,
         )
 
         show = self.scriptedEffect.integerParameter("ShowPromptMarkers") != 0
         if self.propagation is None or not show:
-            clear_prompt_markers(self._markupsNode(create=False))
+            clear_prompt_markers(prompt_markups_node(slicer.mrmlScene, create=False))
             clear_prompt_boxes(slicer.mrmlScene)
             return
-        markups = self._markupsNode()
+        markups = prompt_markups_node(slicer.mrmlScene)
         try:
             anchors = self.propagation.anchors(self._selectedSegmentId())
         except Exception:
@@ -450,6 +576,22 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         show_prompt_markers(markups, self.propagation.volume, anchors)
         show_prompt_boxes(slicer.mrmlScene, self.propagation.volume, anchors)
         markups.GetDisplayNode().SetVisibility(True)
+
+    def _rightDrag(self, viewWidget, xy):
+        """Right-drag zooms the slice view exactly as Slicer's own right-drag does."""
+        from SAM3DSegmentSlicerLogic.view_prompts import zoomed_field_of_view
+
+        startXY, startFov, startView, zooming = self._rightPress
+        if not zooming and _close(startXY, xy):
+            return True
+        self._rightPress = (startXY, startFov, startView, True)
+        height = viewWidget.sliceView().renderWindow().GetSize()[1]
+        fov = zoomed_field_of_view(startFov, xy[1] - startXY[1], height)
+        if fov is not None:
+            sliceNode = viewWidget.sliceLogic().GetSliceNode()
+            sliceNode.SetFieldOfView(*fov)
+            sliceNode.UpdateMatrices()
+        return True
 
     def _updateRubberBand(self, viewWidget, xy0, xy1):
         if viewWidget not in self._rubberBands:
