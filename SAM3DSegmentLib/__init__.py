@@ -6,7 +6,8 @@ No Slicer and no Qt here. One subpackage per layer, each importing only the laye
 ``errors`` (the exception types) < ``data`` (volumes, files, windowing, prompts) < ``models``
 (registry, checkpoints, downloads, devices, model input) < ``engines`` (the session interface
 and the engines) < ``evaluation`` (metrics, simulated users, datasets, benchmarks) <
-``commands`` (the ``sam3d`` command line).
+``serving`` (``sam3d serve`` and its torch-free client) < ``commands`` (the ``sam3d`` command
+line).
 
 Volumes are numpy arrays in (k, j, i) order with an IJK-to-RAS matrix; prompts are voxel
 coordinates on one slice along an array axis; engines open sessions on volumes. Import the

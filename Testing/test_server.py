@@ -333,6 +333,9 @@ def test_malformed_input_gets_400_with_the_librarys_message(server, sample):
     assert status == 400 and "volume shape must be a list of 3 integers" in answer["message"]
     status, answer = raw(server.url, "POST", "/v1/sessions", json.dumps({"volume": sha}).encode())
     assert status == 404 and "upload it first" in answer["message"]
+    blank = Volume(np.zeros((4, 8, 8), np.int16), np.eye(4), name="blank")
+    status, answer = raw(server.url, "PUT", f"/v1/volumes/{protocol.volume_sha256(blank)}", protocol.encode_volume(blank))
+    assert status == 400 and "same value (0) in every voxel" in answer["message"]  # as `sam3d segment` says
     session.close()
 
 

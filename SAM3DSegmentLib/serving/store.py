@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..data.prompts import SlicePrompt
-from ..data.volume import Volume
+from ..data.volume import Volume, check_segmentable
 from ..engines.choice import EngineChoice, choose_engine, open_session
 from ..engines.feature_cache import CachePool, FeatureCache
 from ..engines.session import PropagationOptions
@@ -65,6 +65,8 @@ class ServerLimits:
     lease_s: float = 30.0
     cache_bytes: int = 2048 * MB
     volume_budget_bytes: int = 4096 * MB
+    prediction_budget_s: float = 40.0
+    """Longest an nnInteractive prediction propagates before answering with what it has (its client waits 60 s)."""
 
 
 @dataclass
@@ -90,6 +92,7 @@ class HostedSession:
     history: dict[int, list[dict[int, SlicePrompt]]] = field(default_factory=dict)
     job: Job | None = None
     last_seen: float = field(default_factory=time.monotonic)
+    slot: str | None = None  # the capacity slot it uses (see ServerCore.hold_slot); None: its own
 
     def expires_after(self, limits: ServerLimits) -> float:
         waiting = self.job is not None and (not self.job.status.finished or not self.job.fetched)
@@ -162,6 +165,9 @@ class ServerCore:
         self._volumes: dict[tuple[str, str], StoredVolume] = {}
         self._sessions: dict[str, HostedSession] = {}
         self._caches: dict[tuple, FeatureCache] = {}
+        self._held_slots: set[str] = set()
+        self.sweep_hooks: list[Callable[[float], None]] = []
+        """Called with the time on each sweep (another protocol freeing its own expired leases)."""
         self._stopping = threading.Event()
         self._sweeper = threading.Thread(target=self._sweep_loop, name="sam3d-sweeper", daemon=True)
 
@@ -221,6 +227,7 @@ class ServerCore:
         actual, volume = protocol.decode_volume(body, self.limits.max_volume_bytes)
         if actual != sha.lower():
             raise InputError(f"The uploaded volume's sha256 is {actual}, not {sha}; upload it under its own hash.")
+        check_segmentable(volume)  # the checks and messages of `sam3d segment`
         with self._lock:
             self._volumes[(owner, actual)] = StoredVolume(volume, volume.array.nbytes)
             self._drop_unused_volumes(time.monotonic(), keep=(owner, actual))
