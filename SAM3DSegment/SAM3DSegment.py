@@ -410,6 +410,8 @@ class SAM3DSegmentTest(ScriptedLoadableModuleTest):
         self.setUp()
         self.test_prompt_and_propagate_with_the_weightfree_engine()
         self.setUp()
+        self.test_effect_click_propagate_undo_and_cancel()
+        self.setUp()
         self.test_effect_is_registered()
 
     def test_prompt_and_propagate_with_the_weightfree_engine(self):
@@ -463,6 +465,114 @@ class SAM3DSegmentTest(ScriptedLoadableModuleTest):
             self.delayDisplay(f"Dice {dice:.2f} with {len(update.result.slices_computed)} slices computed")
         finally:
             logic.close()
+
+    def test_effect_click_propagate_undo_and_cancel(self):
+        """The effect as a user drives it, in a Segment Editor widget on the sample volume: a left click
+        in the red slice view through the effect's processInteractionEvents (the event position
+        computed from the click's RAS with the inverse of the slice node's XYToRAS), the preview once
+        the local server is up, Propagate through the effect's button action and its QTimer poll, Dice
+        with the truth, Undo (the segment returns to the preview), then a run started and cancelled
+        (the segment unchanged). Skipped, saying why, when the server cannot run."""
+        import numpy as np
+        import vtk
+        from SAM3DSegmentSlicerLogic.segment_writer import read_segment
+        from SAM3DSegmentSlicerLogic.volume_nodes import add_volume_node, volume_from_node
+
+        from SAM3DSegmentLib.data.sample_volume import make_sample
+
+        missing = dependencies.missing(dependencies.requirements_for('weightfree'))
+        if missing:
+            self.delayDisplay("Effect test skipped: the server's weight-free engine needs "
+                              f"{', '.join(r.pip for r in missing)} (SAM 3D module: 'Install dependencies').")
+            return
+
+        self.delayDisplay("Sample volume, segmentation and a Segment Editor with the SAM 3D effect")
+        sample = make_sample(shape_kji=(60, 80, 96))
+        volumeNode = add_volume_node(slicer.mrmlScene, sample.volume, "SAM3D sample")
+        volumeNode.CreateDefaultDisplayNodes()
+        slicer.util.setSliceViewerLayers(background=volumeNode, fit=True)
+        segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+        segmentationNode.CreateDefaultDisplayNodes()
+        segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+        lesion = segmentationNode.GetSegmentation().AddEmptySegment("lesion")
+        volume = volume_from_node(volumeNode)
+        settingsNode = SAM3DSegmentLogic().getParameterNode()  # the settings the effect reads
+        save_settings(PanelSettings(engine="weightfree", device="cpu"), settingsNode)
+
+        editor = slicer.qMRMLSegmentEditorWidget()
+        editor.setMRMLScene(slicer.mrmlScene)
+        editorNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+        editor.setMRMLSegmentEditorNode(editorNode)
+        editor.setSegmentationNode(segmentationNode)
+        if hasattr(editor, "setSourceVolumeNode"):
+            editor.setSourceVolumeNode(volumeNode)
+        else:  # Slicer < 5.4
+            editor.setMasterVolumeNode(volumeNode)
+        editorNode.SetSelectedSegmentID(lesion)
+        if editor.effectByName(EFFECT_NAME) is None:
+            registerSegmentEditorEffect()
+            editor.updateEffectList()
+        editor.setActiveEffectByName(EFFECT_NAME)
+        effect = editor.activeEffect().self()
+
+        def segment():
+            return read_segment(segmentationNode, lesion, volume)
+
+        def waitForEffect(what, timeout=180.0):
+            """Let the effect's QTimer poll (server start, job) until nothing is pending."""
+            deadline = time.monotonic() + timeout
+            while effect._pendingAction is not None or effect.job is not None:
+                if time.monotonic() > deadline:
+                    self.fail(f"{what}: still waiting after {timeout:.0f} s ({effect.statusLabel.text})")
+                slicer.app.processEvents()
+                time.sleep(0.05)
+
+        try:
+            self.delayDisplay("Left click on the lesion in the red view (through processInteractionEvents)")
+            redWidget = slicer.app.layoutManager().sliceWidget("Red")
+            sliceNode = redWidget.mrmlSliceNode()
+            clickRas = [float(c) for c in sample.volume.kji_to_ras(sample.click_kji)]
+            sliceNode.JumpSliceByCentering(*clickRas)
+            rasToXy = vtk.vtkMatrix4x4()
+            vtk.vtkMatrix4x4.Invert(sliceNode.GetXYToRAS(), rasToXy)
+            x, y, _, _ = rasToXy.MultiplyPoint(clickRas + [1.0])
+            interactor = redWidget.interactorStyle().GetInteractor()
+            interactor.SetEventPosition(int(round(x)), int(round(y)))
+            interactor.SetShiftKey(0)
+            interactor.SetControlKey(0)
+            interactor.SetAltKey(0)
+            self.assertTrue(effect.processInteractionEvents(interactor, vtk.vtkCommand.LeftButtonPressEvent, redWidget))
+            self.assertTrue(effect.processInteractionEvents(interactor, vtk.vtkCommand.LeftButtonReleaseEvent, redWidget))
+            waitForEffect("starting the server and the preview")
+            preview = segment()
+            self.assertTrue(preview[sample.click_kji], f"no preview at the click ({effect.statusLabel.text})")
+            self.assertFalse(np.delete(preview, sample.click_kji[0], axis=0).any())
+
+            self.delayDisplay("Propagate (the effect's action, polled by its timer)")
+            effect.onPropagate()
+            waitForEffect("propagation")
+            result = segment()
+            dice = 2 * np.count_nonzero(result & sample.truth) / (result.sum() + sample.truth.sum())
+            self.assertGreater(dice, 0.6, effect.statusLabel.text)
+            self.delayDisplay(f"Dice {dice:.2f}: {effect.statusLabel.text}")
+
+            self.delayDisplay("Undo: the segment returns to the preview")
+            editor.undo()
+            self.assertTrue(np.array_equal(segment(), preview))
+
+            self.delayDisplay("Start a run and cancel it: the segment is unchanged")
+            # no stop rule: the run goes to the volume's edges, so Cancel reaches it while it runs
+            save_settings(PanelSettings(engine="weightfree", device="cpu", min_area=0, min_score=0.0, patience=60),
+                          settingsNode)
+            effect.onPropagate()
+            job = effect.job
+            self.assertIsNotNone(job, effect.statusLabel.text)
+            effect.onCancel()
+            waitForEffect("cancel")
+            self.assertEqual(job.update.state, "cancelled", effect.statusLabel.text)
+            self.assertTrue(np.array_equal(segment(), preview))
+        finally:
+            editor.setActiveEffect(None)  # deactivate: stops polling, cancels anything left
 
     def test_effect_is_registered(self):
         editor = slicer.qMRMLSegmentEditorWidget()

@@ -16,6 +16,14 @@ vtk = pytest.importorskip("vtk")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "SAM3DSegment"))
 
 from doubles import ReferenceMaskSession  # noqa: E402
+from SAM3DSegmentSlicerLogic.drawn_prompts import (  # noqa: E402
+    SCRIBBLE_MAX_POINTS,
+    lasso_mask,
+    lasso_prompt,
+    polygon_mask,
+    scribble_prompt,
+    stroke_samples,
+)
 from SAM3DSegmentSlicerLogic.markers import (  # noqa: E402
     clear_prompt_boxes,
     clear_prompt_markers,
@@ -209,6 +217,146 @@ def test_clicks_in_ras_land_on_the_right_voxel(scene, axis):
     assert (box.box.row1, box.box.col1) == pytest.approx(expected[1:])
     with pytest.raises(PromptError, match="outside volume"):
         point_prompt(volume, axis, volume.kji_to_ras((4, 30, 13)))
+
+
+# --- lasso and scribble (issue 13, remaining parts) -------------------------------------------
+
+def _slice_to_ras(node):
+    return np.array([[node.GetSliceToRAS().GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def _view_on(scene, volume, orientation, kji):
+    """A real slice node in ``orientation`` showing the slice through voxel ``kji``."""
+    slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(scene)
+    node = scene.AddNewNodeByClass("vtkMRMLSliceNode")
+    assert node.SetOrientation(orientation)
+    node.JumpSliceByCentering(*volume.kji_to_ras(kji))
+    return node
+
+
+def test_polygon_fill_uses_voxel_centres_and_the_even_odd_rule():
+    square = [(1.5, 1.5), (1.5, 4.5), (4.5, 4.5), (4.5, 1.5)]
+    expected = np.zeros((7, 8), bool)
+    expected[2:5, 2:5] = True
+    assert np.array_equal(polygon_mask((7, 8), square), expected)
+    # a vertex exactly on a row of centres counts once (diamond around (3, 3) with radius 2)
+    diamond = polygon_mask((7, 7), [(1, 3), (3, 5), (5, 3), (3, 1)])
+    assert diamond[3, 2:5].all() and diamond[2, 3] and diamond[4, 3] and 5 <= diamond.sum() <= 9
+    assert not diamond[[0, 1, 5, 6]].any()  # the top and bottom vertices fill no row of their own
+    # a polygon reaching past the image is clipped; fewer than three vertices fill nothing
+    assert polygon_mask((4, 4), [(-5, -5), (-5, 10), (10, 10), (10, -5)]).all()
+    assert not polygon_mask((4, 4), [(0, 0), (3, 3)]).any()
+
+
+@pytest.mark.parametrize("orientation, axis", [("Axial", 0), ("Coronal", 1), ("Sagittal", 2)])
+@pytest.mark.parametrize("ijk_to_ras", [FLIPPED_OBLIQUE, SAGITTAL_ACQUIRED])
+def test_a_lasso_in_ras_fills_the_expected_voxels_on_the_views_slice(scene, orientation, axis, ijk_to_ras):
+    """A polygon drawn in RAS (voxel corners of a rectangle on one slice) fills exactly the voxels inside
+    it, on the slice the view shows, in the volume's IJK grid (flipped, oblique and anisotropic)."""
+    volume = volume_from_node(add_volume(scene, np.zeros(SHAPE, np.int16), ijk_to_ras))
+    node = _view_on(scene, volume, orientation, (5, 7, 9))
+    axis = axis_of_view(_slice_to_ras(node), volume.ijk_to_ras)
+    index = slice_index_of_view(volume, axis, _slice_to_ras(node))
+    assert index == (5, 7, 9)[axis]
+    # the rectangle rows 2..5, cols 3..8 of that slice, drawn half a voxel outside the centres
+    corners_rc = [(1.6, 2.6), (1.6, 8.4), (5.4, 8.4), (5.4, 2.6)]
+    from SAM3DSegmentLib.data.volume import slice_to_kji
+
+    # drawn slightly off the slice plane (a view between slices): projected along the axis
+    contour = [volume.kji_to_ras(np.add(slice_to_kji(axis, index, r, c), np.eye(3)[axis] * 0.3)) for r, c in corners_rc]
+    mask = lasso_mask(volume, axis, index, contour)
+    expected = np.zeros(mask.shape, bool)
+    expected[2:6, 3:9] = True
+    assert np.array_equal(mask, expected)
+    prompt = lasso_prompt(volume, axis, index, contour)
+    assert prompt.is_mask_only and prompt.index == index and np.array_equal(prompt.mask, expected)
+    # exclude: the current mask minus the polygon
+    current = np.zeros(mask.shape, bool)
+    current[0:4, 0:6] = True
+    cut = lasso_prompt(volume, axis, index, contour, positive=False, current_mask=current)
+    assert np.array_equal(cut.mask, current & ~expected) and cut.mask[0:2, 0:6].all() and not cut.mask[2:4, 3:6].any()
+    with pytest.raises(PromptError, match="nothing to remove"):
+        lasso_prompt(volume, axis, index, contour, positive=False, current_mask=np.zeros_like(current))
+    with pytest.raises(PromptError, match="removes all"):
+        lasso_prompt(volume, axis, index, contour, positive=False, current_mask=expected)
+    with pytest.raises(PromptError, match="three points"):
+        lasso_mask(volume, axis, index, contour[:2])
+    outside = [volume.kji_to_ras(slice_to_kji(axis, index, r + 100, c + 100)) for r, c in corners_rc]
+    with pytest.raises(PromptError, match="encloses no voxel"):
+        lasso_mask(volume, axis, index, outside)
+
+
+def test_scribble_points_every_few_mm_capped_and_on_the_views_slice(scene):
+    volume = volume_from_node(add_volume(scene, np.zeros(SHAPE, np.int16), FLIPPED_OBLIQUE))
+    # a straight stroke of 20 mm: a point every 5 mm -> 0, 5, 10, 15, 20 mm
+    start, direction = np.array([1.0, 2.0, 3.0]), np.array([0.6, 0.8, 0.0])
+    stroke = [start + direction * t for t in np.linspace(0, 20, 41)]
+    samples = stroke_samples(stroke, spacing_mm=5.0)
+    assert np.allclose(np.linalg.norm(samples - start, axis=1), [0, 5, 10, 15, 20])
+    assert len(stroke_samples(stroke, spacing_mm=5.0, max_points=3)) == 3  # capped, spread over the stroke
+    assert np.allclose(stroke_samples(stroke, spacing_mm=0.1)[[0, -1]], [stroke[0], stroke[-1]])
+    assert len(stroke_samples(stroke, spacing_mm=0.1)) == SCRIBBLE_MAX_POINTS
+    assert len(stroke_samples(stroke[:1])) == 1  # a click
+    # along the coronal view's axis on an oblique volume: points on the view's slice, at the stroke's voxels
+    node = _view_on(scene, volume, "Coronal", (5, 7, 9))
+    axis = axis_of_view(_slice_to_ras(node), volume.ijk_to_ras)
+    index = slice_index_of_view(volume, axis, _slice_to_ras(node))
+    voxels = [(2, 7, 3), (2, 7, 15), (9, 7, 15)]  # an L through the volume on slice j = 7
+    stroke = np.concatenate([np.linspace(volume.kji_to_ras(a), volume.kji_to_ras(b), 30)
+                             for a, b in zip(voxels[:-1], voxels[1:])])
+    prompt = scribble_prompt(volume, axis, index, stroke, positive=False)
+    assert (axis, prompt.index) == (1, 7) and prompt.box is None and prompt.mask is None
+    assert 3 <= len(prompt.points) <= SCRIBBLE_MAX_POINTS and not any(p.positive for p in prompt.points)
+    rows_cols = np.array([(p.row, p.col) for p in prompt.points])
+    assert np.allclose(rows_cols[0], (2, 3)) and rows_cols[-1][1] == pytest.approx(15) and rows_cols[-1][0] > 7.9
+    on_l = (np.isclose(rows_cols[:, 0], 2) & (rows_cols[:, 1] >= 3 - 1e-6)) | np.isclose(rows_cols[:, 1], 15)
+    assert on_l.all()
+    with pytest.raises(PromptError, match="outside the image"):
+        scribble_prompt(volume, axis, index, [volume.kji_to_ras((2, 7, 60))])
+
+
+def test_lasso_and_scribble_prompts_preview_and_propagate(case):
+    """Through the logic the effect uses: an include lasso becomes the slice exactly; an exclude lasso
+    cuts the slice; a scribble adds points; propagation starts from them."""
+    volume_node, segmentation, (tumour, *_), reference = case
+    logic, sessions, history = _propagation(case)
+    volume = logic.volume
+    scene = volume_node.GetScene()
+    node = _view_on(scene, volume, "Axial", (5, 7, 9))
+    slice_to_ras = _slice_to_ras(node)
+    from SAM3DSegmentLib.data.volume import slice_to_kji
+
+    def ras(corners_rc):
+        return [volume.kji_to_ras(slice_to_kji(0, 5, r, c)) for r, c in corners_rc]
+
+    lasso = ras([(3.5, 4.5), (3.5, 12.5), (11.5, 12.5), (11.5, 4.5)])  # rows 4..11, cols 5..12
+    prompt = logic.lasso_from_ras(tumour, lasso, 0, slice_to_ras, positive=True)
+    logic.add_prompt(tumour, prompt, replace=True)
+    drawn = np.zeros(SHAPE[1:], bool)
+    drawn[4:12, 5:13] = True
+    segment = read_segment(segmentation, tumour, volume)
+    assert np.array_equal(segment[5], drawn) and logic.anchors(tumour)[5].is_mask_only
+    cut = ras([(7.5, 4.0), (7.5, 13.0), (12.0, 13.0), (12.0, 4.0)])  # rows 8..11
+    logic.add_prompt(tumour, logic.lasso_from_ras(tumour, cut, 0, slice_to_ras, positive=False), replace=True)
+    drawn[8:12] = False
+    assert np.array_equal(read_segment(segmentation, tumour, volume)[5], drawn)
+    assert history.GetNumberOfStates() == 2
+    history.RestorePreviousState()  # undo: the include lasso's slice again
+    assert read_segment(segmentation, tumour, volume)[5, 8:12, 5:13].all()
+    # a scribble on slice 5 adds include points to the slice's prompt (merged; the reference session answers)
+    stroke = ras([(5, 6), (5, 10), (7, 10)])
+    scribble = logic.scribble_from_ras(stroke, 0, slice_to_ras, positive=True)
+    assert scribble.index == 5 and all(p.positive for p in scribble.points)
+    logic.add_prompt(tumour, scribble)
+    anchor = logic.anchors(tumour)[5]
+    assert len(anchor.points) == len(scribble.points) and anchor.mask is not None
+    logic.propagate(tumour, PropagationOptions(stop=StopRule(min_area=1, patience=1)))
+    assert np.array_equal(read_segment(segmentation, tumour, volume), reference)
+    # an exclude lasso on a slice where the segment is empty is refused; the prompts stay
+    node.JumpSliceByCentering(*volume.kji_to_ras((0, 7, 9)))
+    with pytest.raises(PromptError, match="nothing to remove"):
+        logic.lasso_from_ras(tumour, ras([(1, 1), (1, 15), (14, 15), (14, 1)]), 0, _slice_to_ras(node), positive=False)
+    assert logic.axis == 0 and list(logic.anchors(tumour)) == [5]
 
 
 # --- writing into segments --------------------------------------------------------------------
@@ -668,15 +816,22 @@ def test_other_segments_are_never_overwritten_when_the_editor_says_so(case):
 
 def test_keyboard_shortcuts_and_right_drag_zoom():
     from SAM3DSegmentSlicerLogic.view_prompts import (
+        CLICK_MODES,
+        SEGMENT_EDITOR_KEYS,
         SHORTCUTS,
         shortcut_action,
         shortcuts_help_html,
         zoomed_field_of_view,
     )
 
-    assert {shortcut_action(k) for k in SHORTCUTS} == {"include", "exclude", "box", "propagate", "cancel", "clear"}
+    assert {shortcut_action(k) for k in SHORTCUTS} == {
+        "include", "exclude", "box", "lasso", "scribble", "propagate", "cancel", "clear"}
     for slicer_key in ("b", "f", "g", "r", "t", "v", "Left", "Up"):
         assert shortcut_action(slicer_key) is None
+    # the lasso and scribble keys are neither slice-view keys nor the Segment Editor's own shortcuts
+    # (i and Escape are: an open point, docs/slicer.md)
+    assert not {"l", "s"} & SEGMENT_EDITOR_KEYS and set(SHORTCUTS) & SEGMENT_EDITOR_KEYS == {"i", "Escape"}
+    assert set(CLICK_MODES) == {a for a, _ in SHORTCUTS.values()} - {"propagate", "cancel", "clear"}
     assert shortcut_action("p", modifiers=True) is None
     text = shortcuts_help_html()
     assert all(f"<b>{'Esc' if k == 'Escape' else k}</b>" in text for k in SHORTCUTS)

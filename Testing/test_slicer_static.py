@@ -150,6 +150,39 @@ def test_layout_changes_remove_rubber_band_actors_before_forgetting_them():
     source = _method_source("layoutChanged")
     assert source.index("self._removeRubberBand(viewWidget)") < source.index("self._rubberBands = {}")
     assert "removeActor2D" in _method_source("_removeRubberBand")
+    # the lasso / scribble line too, on layout changes, deactivate and cleanup
+    assert "self._forgetStrokeLines()" in source and "self._stroke = None" in source
+    forget = _method_source("_forgetStrokeLines")
+    assert forget.index("self._removeStrokeLine(viewWidget)") < forget.index("self._strokeLines = {}")
+    assert "removeActor2D" in _method_source("_removeStrokeLine")
+    assert "self._removeStrokeLine(viewWidget)" in _method_source("deactivate")
+    assert "self._forgetStrokeLines()" in _method_source("cleanup")
+
+
+def test_lasso_and_scribble_strokes():
+    """Lasso / scribble mode: a left-drag draws a polyline actor (like Slicer's Draw effect), removed on
+    release; the release becomes a prompt through the Qt-free geometry (drawn_prompts.py)."""
+    branches = _branches("processInteractionEvents")
+    press = branches["LeftButtonPressEvent"]
+    assert press.index("if shift") < press.index("self._startStroke(viewWidget, xy, positive=not control)")
+    assert "('lasso', 'scribble')" in press
+    assert "self._extendStroke(self._stroke, viewWidget, xy)" in branches["MouseMoveEvent"]
+    release = branches["LeftButtonReleaseEvent"]
+    assert release.index("self._removeStrokeLine(stroke['view'])") < release.index("self._finishStroke(viewWidget, stroke)")
+    finish = _method_source("_finishStroke")
+    assert "lasso_from_ras" in finish and "replace=True" in finish and "scribble_from_ras" in finish
+    assert "point_from_ras" in finish  # a stroke that never left the click tolerance is a click
+    line = _method_source("_updateStrokeLine")
+    assert "vtkPolyData" in line and "vtkActor2D" in line and "addActor2D" in line and "vtkPolyDataMapper2D" in line
+    assert "self._setClickMode(action)" in _method_source("_onKey")
+    assert "CLICK_MODES" in _method_source("setupOptionsFrame")
+    help_text = _method_source("helpText")
+    for words in ("Lasso", "Scribble", "Ctrl+drag", "key <b>l</b>", "key <b>s</b>"):
+        assert words in help_text, words
+    # the geometry is Qt-free and MRML-free: it runs (and is tested) without Slicer
+    geometry = (MODULE / "SAM3DSegmentSlicerLogic" / "drawn_prompts.py").read_text(encoding="utf-8")
+    for forbidden in ("import slicer", "import qt", "import vtk", "import ctk"):
+        assert forbidden not in geometry
 
 
 def test_edits_confirm_a_hidden_segment_first_and_markups_are_ours():
@@ -218,6 +251,29 @@ def test_the_self_test_needs_no_model_package_in_slicer():
     assert "shared_server_link" in source and "remote_session_factory" in source and "job.poll()" in source
     assert "skimage" not in source and "session_factory_for" not in source
     assert "requirements_for('weightfree')" in source  # skipped, saying why, when the server cannot run
+    effect_test = _method_source("test_effect_click_propagate_undo_and_cancel", MODULE_SCRIPT, "SAM3DSegmentTest")
+    assert "skimage" not in effect_test and "session_factory_for" not in effect_test
+    assert "requirements_for('weightfree')" in effect_test
+
+
+def test_the_self_test_drives_the_effect_through_its_interaction_events():
+    """Issue 13 (remaining, 3): click through processInteractionEvents at the event position of the
+    click's RAS, propagate with the effect's action and timer poll, Dice, undo, cancel."""
+    source = _method_source("test_effect_click_propagate_undo_and_cancel", MODULE_SCRIPT, "SAM3DSegmentTest")
+    for needed in ("setActiveEffectByName(EFFECT_NAME)", ".self()", "GetXYToRAS()", "vtkMatrix4x4.Invert",
+                   "SetEventPosition", "interactorStyle().GetInteractor()",
+                   "effect.processInteractionEvents(interactor, vtk.vtkCommand.LeftButtonPressEvent, redWidget)",
+                   "effect.processInteractionEvents(interactor, vtk.vtkCommand.LeftButtonReleaseEvent, redWidget)",
+                   "effect.onPropagate()", "slicer.app.processEvents()", "dice", "editor.undo()",
+                   "effect.onCancel()", "'cancelled'", "editor.setActiveEffect(None)"):
+        assert needed in source, needed
+    # the click comes before propagate, propagate before undo, undo before the cancelled run
+    order = [source.index(s) for s in ("LeftButtonPressEvent", "effect.onPropagate()", "editor.undo()", "effect.onCancel()")]
+    assert order == sorted(order)
+    run = _method_source("runTest", MODULE_SCRIPT, "SAM3DSegmentTest")
+    for name in ("test_prompt_and_propagate_with_the_weightfree_engine", "test_effect_click_propagate_undo_and_cancel",
+                 "test_effect_is_registered"):
+        assert f"self.{name}()" in run, name
 
 
 @pytest.mark.parametrize("path", [MODULE_SCRIPT, EFFECT_SCRIPT], ids=lambda p: p.name)

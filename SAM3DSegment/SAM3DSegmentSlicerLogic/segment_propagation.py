@@ -33,7 +33,8 @@ from SAM3DSegmentLib.errors import InputError, PromptError
 
 from .masking import MaskingSettings
 from .segment_writer import WriteReport, check_segment, read_segment, write_segment
-from .view_prompts import box_prompt, point_prompt
+from .drawn_prompts import lasso_prompt, scribble_prompt
+from .view_prompts import box_prompt, point_prompt, slice_index_of_view
 from .volume_nodes import extent_slices, volume_from_node
 
 log = logging.getLogger(__name__)
@@ -146,6 +147,26 @@ class SegmentPropagation:
         self.use_axis(axis)
         return prompt
 
+    def lasso_from_ras(self, segment_id: str, contour_ras, axis: int, slice_to_ras, positive: bool = True) -> SlicePrompt:
+        """A lasso drawn in a view (RAS contour) as a mask prompt on the slice the view shows:
+        the filled polygon (include), or the segment on that slice minus the polygon (exclude).
+        Add it with ``add_prompt(..., replace=True)``: the slice becomes exactly that mask."""
+        index = slice_index_of_view(self.volume, axis, slice_to_ras)
+        current = None
+        if not positive:
+            check_segment(self.segmentation_node, segment_id)
+            current = get_slice(read_segment(self.segmentation_node, segment_id, self.volume), axis, index).copy()
+        prompt = lasso_prompt(self.volume, axis, index, contour_ras, positive, current)
+        self.use_axis(axis)
+        return prompt
+
+    def scribble_from_ras(self, stroke_ras, axis: int, slice_to_ras, positive: bool = True) -> SlicePrompt:
+        """A scribble drawn in a view as include (exclude) points sampled along it, on the view's slice."""
+        index = slice_index_of_view(self.volume, axis, slice_to_ras)
+        prompt = scribble_prompt(self.volume, axis, index, stroke_ras, positive)
+        self.use_axis(axis)
+        return prompt
+
     def prompt_from_segment(self, segment_id: str, axis: int, index: int) -> SlicePrompt:
         """"Use the current segment on this slice as the prompt": a mask prompt from the segment."""
         check_segment(self.segmentation_node, segment_id)
@@ -159,10 +180,11 @@ class SegmentPropagation:
         self.use_axis(axis)
         return SlicePrompt(axis=axis, index=index, mask=mask)
 
-    def preview_in_session(self, segment_id: str, prompt: SlicePrompt) -> Preview:
-        """Add the prompt to the session and compute its 2D mask (one short request to the server)."""
+    def preview_in_session(self, segment_id: str, prompt: SlicePrompt, replace: bool = False) -> Preview:
+        """Add the prompt to the session and compute its 2D mask (one short request to the server).
+        ``replace``: the prompt replaces the slice's earlier prompts instead of being merged with them."""
         self.refuse_while_busy("a new prompt")
-        return self._session().add_prompt(self.object_id(segment_id), prompt)
+        return self._session().add_prompt(self.object_id(segment_id), prompt, replace_existing=replace)
 
     def write_preview(self, segment_id: str, preview: Preview) -> WriteReport:
         """Show the preview in the segment on its slice (an undo state first)."""
@@ -171,11 +193,11 @@ class SegmentPropagation:
         mask[within] = preview.mask
         return self._write(segment_id, mask, within)
 
-    def add_prompt(self, segment_id: str, prompt: SlicePrompt) -> Preview:
-        """Prompt, preview, write the preview slice."""
+    def add_prompt(self, segment_id: str, prompt: SlicePrompt, replace: bool = False) -> Preview:
+        """Prompt, preview, write the preview slice (``replace``: see :meth:`preview_in_session`)."""
         check_segment(self.segmentation_node, segment_id)
         self.use_axis(prompt.axis)
-        preview = self.preview_in_session(segment_id, prompt)
+        preview = self.preview_in_session(segment_id, prompt, replace)
         self.write_preview(segment_id, preview)
         return preview
 

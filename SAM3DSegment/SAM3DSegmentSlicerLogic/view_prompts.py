@@ -106,12 +106,22 @@ SHORTCUTS: dict[str, tuple[str, str]] = {
     "i": ("include", "left-clicks add include points"),
     "e": ("exclude", "left-clicks add exclude points"),
     "x": ("box", "left-drags draw a box"),
+    "l": ("lasso", "left-drags draw a lasso (Ctrl+drag: an exclude lasso)"),
+    "s": ("scribble", "left-drags draw a scribble (Ctrl+drag: an exclude scribble)"),
     "p": ("propagate", "propagate (or re-propagate) the selected segment"),
     "Escape": ("cancel", "cancel the running propagation"),
     "c": ("clear", "clear the selected segment's prompts"),
 }
 """Keys (VTK key symbols) in a slice view while the effect is active. Slicer's own slice-view keys
-(b, f, g, r, t, v, arrows, brackets) are left alone."""
+(b, f, g, r, t, v, arrows, brackets) are left alone. ``i`` and ``Escape`` are also keyboard shortcuts
+of the Segment Editor itself (``SEGMENT_EDITOR_KEYS``): see docs/slicer.md."""
+
+CLICK_MODES = ("include", "exclude", "box", "lasso", "scribble")
+"""What a left press in a slice view does (keys i / e / x / l / s, or the effect's mode buttons)."""
+
+SEGMENT_EDITOR_KEYS = frozenset("0123456789zyqw/*,.<>i") | {"Escape", "space"}
+"""Keys the Segment Editor installs as QShortcuts on the main window
+(``qMRMLSegmentEditorWidget::installKeyboardShortcuts``): they may never reach a slice view."""
 
 
 def shortcut_action(key_sym: str, modifiers: bool = False) -> str | None:

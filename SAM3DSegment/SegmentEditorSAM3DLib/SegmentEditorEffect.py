@@ -5,7 +5,10 @@ The model runs in a ``sam3d serve`` process (started with Slicer's Python on fir
 server set in the SAM 3D module), never in a thread of Slicer: previews are short requests, a
 propagation is a job on the server that a QTimer polls (``_poll``), writing the result into the
 segment when it is done. Left-click: include point; right-click or Ctrl+left-click: exclude point;
-Shift+drag: box; keys: see ``helpText``.
+Shift+drag: box; in lasso / scribble mode (keys l / s, or the mode buttons) a left-drag draws a lasso
+(a mask prompt) or a scribble (points along it), Ctrl+left-drag an exclude one; keys: see ``helpText``.
+The stroke is drawn while dragging as a 2D polyline actor in the view (like Slicer's Draw effect)
+and removed on release, deactivate, cleanup and layout changes.
 """
 
 import logging
@@ -25,6 +28,16 @@ if MODULE_DIR not in sys.path:
 EFFECT_NAME = "SAM 3D"
 CLICK_TOLERANCE_PX = 4
 POLL_INTERVAL_MS = 100
+INCLUDE_COLOR = (1.0, 1.0, 0.0)
+EXCLUDE_COLOR = (1.0, 0.3, 0.3)
+MODE_LABELS = {"include": "Include", "exclude": "Exclude", "box": "Box", "lasso": "Lasso", "scribble": "Scribble"}
+MODE_STATUS = {
+    "include": "Left-click: include points.",
+    "exclude": "Left-click: exclude points.",
+    "box": "Left-drag: box.",
+    "lasso": "Left-drag: lasso (the slice becomes its inside). Ctrl+left-drag: exclude lasso (cut it out).",
+    "scribble": "Left-drag: include scribble (points along it). Ctrl+left-drag: exclude scribble.",
+}
 
 
 class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
@@ -48,6 +61,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self._boxStart = None  # (xy, ras, viewWidget)
         self._clickMode = "include"
         self._rubberBands = {}
+        self._stroke = None  # the lasso or scribble being drawn: see _startStroke
+        self._strokeLines = {}  # viewWidget -> (vtkPolyData, vtkActor2D) of the stroke being drawn
         self._lastSliceWidget = None
         self._propagatedSegments = set()
 
@@ -70,7 +85,12 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         return (
             "<html>Segment the selected segment in 3D with Segment Anything models.<p>"
             "<b>Left-click</b>: include point. <b>Right-click</b> or <b>Ctrl+click</b>: exclude point "
-            "(right-drag still zooms). <b>Shift+drag</b>: box. The slice updates after each prompt (preview). "
+            "(right-drag still zooms). <b>Shift+drag</b>: box. "
+            "<b>Lasso</b> mode (key <b>l</b> or the Lasso button): left-drag a closed contour; the slice becomes "
+            "its inside (a mask prompt). <b>Ctrl+drag</b> in lasso mode: exclude lasso, its inside is cut from "
+            "the segment on that slice. <b>Scribble</b> mode (key <b>s</b>): left-drag a stroke; include points "
+            "are placed along it every few mm (Ctrl+drag: exclude points). A lasso replaces the slice's earlier "
+            "prompts; a scribble adds to them. The slice updates after each prompt (preview). "
             "Clicks outside the volume are ignored with a message.<p>"
             f"{shortcuts_help_html()}<p>"
             "<b>Propagate</b> fills the volume along the axis of the view you prompted in. Correct any "
@@ -81,9 +101,26 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         )
 
     def setupOptionsFrame(self):
+        from SAM3DSegmentSlicerLogic.view_prompts import CLICK_MODES
+
         self.engineLabel = qt.QLabel("")
         self.engineLabel.wordWrap = True
         self.scriptedEffect.addLabeledOptionsWidget("Engine:", self.engineLabel)
+
+        self.modeButtons = {}
+        self.modeButtonGroup = qt.QButtonGroup()
+        self.modeButtonGroup.setExclusive(True)
+        modeRow = qt.QHBoxLayout()
+        for mode in CLICK_MODES:
+            button = qt.QPushButton(MODE_LABELS[mode])
+            button.checkable = True
+            button.toolTip = MODE_STATUS[mode]
+            button.connect("clicked()", lambda mode=mode: self._setClickMode(mode))
+            self.modeButtonGroup.addButton(button)
+            self.modeButtons[mode] = button
+            modeRow.addWidget(button)
+        self.modeButtons[self._clickMode].checked = True
+        self.scriptedEffect.addLabeledOptionsWidget("Left button:", modeRow)
 
         self.useSegmentButton = qt.QPushButton("Use current segment on this slice as prompt")
         self.useSegmentButton.toolTip = "The selected segment on the last clicked slice view becomes the prompt (a mask)."
@@ -152,7 +189,10 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self._stopPolling(cancelJob=True)
         for viewWidget in list(self._rubberBands):
             self._removeRubberBand(viewWidget)
+        for viewWidget in list(self._strokeLines):
+            self._removeStrokeLine(viewWidget)
         self._boxStart = None
+        self._stroke = None
         self._rightPress = None
         from SAM3DSegmentSlicerLogic.markers import clear_prompt_boxes, prompt_markups_node
 
@@ -167,6 +207,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         editors; it stops with Slicer or with the module's 'Stop local server' button."""
         self._stopPolling(cancelJob=True)
         self.pollTimer.disconnect("timeout()", self._poll)
+        self._forgetStrokeLines()
+        self._stroke = None
         self._resetPropagation()
         self.server = None
 
@@ -187,7 +229,9 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             except Exception:  # the view was already deleted with its renderer
                 self._rubberBands.pop(viewWidget, None)
         self._rubberBands = {}
+        self._forgetStrokeLines()
         self._boxStart = None
+        self._stroke = None
         self._rightPress = None
         self._lastSliceWidget = None
 
@@ -206,6 +250,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             if shift or (self._clickMode == "box" and not control):
                 self._boxStart = (xy, self.xyToRas(xy, viewWidget), viewWidget)
                 self._updateRubberBand(viewWidget, xy, xy)
+            elif self._clickMode in ("lasso", "scribble"):
+                self._startStroke(viewWidget, xy, positive=not control)
             else:
                 self._pressXY = xy
             return True
@@ -213,10 +259,21 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             if self._boxStart is not None and self._boxStart[2] is viewWidget:
                 self._updateRubberBand(viewWidget, self._boxStart[0], xy)
                 return True
+            if self._stroke is not None and self._stroke["view"] is viewWidget:
+                self._extendStroke(self._stroke, viewWidget, xy)
+                self._updateStrokeLine(viewWidget)
+                return True
             if self._rightPress is not None and self._rightPress[2] is viewWidget:
                 return self._rightDrag(viewWidget, xy)
             return False
         if eventId == vtk.vtkCommand.LeftButtonReleaseEvent:
+            if self._stroke is not None:
+                stroke, self._stroke = self._stroke, None
+                self._removeStrokeLine(stroke["view"])
+                if stroke["view"] is viewWidget:
+                    self._extendStroke(stroke, viewWidget, xy)
+                    self._finishStroke(viewWidget, stroke)
+                return True
             if self._boxStart is not None:
                 startXY, startRas, startView = self._boxStart
                 self._boxStart = None
@@ -251,19 +308,20 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
     # --- actions -------------------------------------------------------------------------------
 
-    def addPrompt(self, viewWidget, makePrompt):
-        """A click or box: the prompt is built and previewed as soon as the server is ready."""
+    def addPrompt(self, viewWidget, makePrompt, replace=False):
+        """A click, box, lasso or scribble: the prompt is built and previewed as soon as the server is
+        ready (``replace``: it replaces the slice's earlier prompts, as a lasso does)."""
         confirmed = self.scriptedEffect.confirmCurrentSegmentVisible()
         if confirmed == self.scriptedEffect.NotConfirmed:
             return
-        self._whenServerReady("prompt", lambda: self._previewNow(viewWidget, makePrompt))
+        self._whenServerReady("prompt", lambda: self._previewNow(viewWidget, makePrompt, replace))
 
-    def _previewNow(self, viewWidget, makePrompt):
+    def _previewNow(self, viewWidget, makePrompt, replace=False):
         segmentId = self._selectedSegmentId()
         self._ensurePropagation()
         previousAxis = self.propagation.axis
         prompt = makePrompt(self._viewAxis(viewWidget))  # a click outside the volume raises here: prompts kept
-        preview = self.propagation.add_prompt(segmentId, prompt)
+        preview = self.propagation.add_prompt(segmentId, prompt, replace=replace)
         score = "" if preview.score is None else f", score {preview.score:.2f}"
         self.statusLabel.text = f"Preview on slice {preview.index} in {preview.seconds:.2f} s{score}"
         if previousAxis is not None and previousAxis != prompt.axis:
@@ -328,14 +386,21 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.statusLabel.text = "Prompts cleared (the segment's voxels stay)."
         self.updateMarkers()
 
+    def _setClickMode(self, mode):
+        """What a left press does: include / exclude click, box, lasso or scribble (keys i/e/x/l/s, buttons)."""
+        self._clickMode = mode
+        button = getattr(self, "modeButtons", {}).get(mode)
+        if button is not None and not button.checked:
+            button.checked = True
+        if hasattr(self, "statusLabel"):
+            self.statusLabel.text = MODE_STATUS[mode]
+
     def _onKey(self, keySym, modifiers):
         from SAM3DSegmentSlicerLogic.view_prompts import shortcut_action
 
         action = shortcut_action(keySym, modifiers)
-        if action in ("include", "exclude", "box"):
-            self._clickMode = action
-            self.statusLabel.text = {"include": "Left-click: include points.", "exclude": "Left-click: exclude points.",
-                                     "box": "Left-drag: box."}[action]
+        if action in MODE_STATUS:
+            self._setClickMode(action)
         elif action == "propagate":
             self.onPropagate()
         elif action == "cancel":
@@ -615,6 +680,79 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             polyData.GetPoints().SetPoint(index, x, y, 0)
         polyData.GetPoints().Modified()
         viewWidget.sliceView().scheduleRender()
+
+    # --- lasso and scribble strokes (drawn in XY, kept in RAS; geometry in drawn_prompts) -------------
+
+    def _startStroke(self, viewWidget, xy, positive):
+        """A left press in lasso / scribble mode: the stroke is on the slice the view shows now."""
+        self._stroke = {
+            "view": viewWidget, "kind": self._clickMode, "positive": positive,
+            "xy": [tuple(xy)], "ras": [self.xyToRas(xy, viewWidget)],
+            "sliceToRas": _sliceToRas(viewWidget),
+        }
+        self._updateStrokeLine(viewWidget)
+
+    def _extendStroke(self, stroke, viewWidget, xy):
+        if tuple(xy) != stroke["xy"][-1]:
+            stroke["xy"].append(tuple(xy))
+            stroke["ras"].append(self.xyToRas(xy, viewWidget))
+
+    def _finishStroke(self, viewWidget, stroke):
+        """The released stroke becomes a prompt: a short one is a click; a lasso a mask prompt that
+        replaces the slice's prompts; a scribble points along it (drawn_prompts.py)."""
+        rasPoints, positive, sliceToRas = list(stroke["ras"]), stroke["positive"], stroke["sliceToRas"]
+        if all(_close(stroke["xy"][0], p) for p in stroke["xy"]):
+            ras = rasPoints[-1]
+            self.addPrompt(viewWidget, lambda axis: self.propagation.point_from_ras(ras, positive, axis))
+        elif stroke["kind"] == "lasso":
+            self.addPrompt(viewWidget, lambda axis: self.propagation.lasso_from_ras(
+                self._selectedSegmentId(), rasPoints, axis, sliceToRas, positive), replace=True)
+        else:
+            self.addPrompt(viewWidget, lambda axis: self.propagation.scribble_from_ras(
+                rasPoints, axis, sliceToRas, positive))
+
+    def _updateStrokeLine(self, viewWidget):
+        """The stroke being drawn as a polyline (a lasso closed back to its start) in the view."""
+        stroke = self._stroke
+        if viewWidget not in self._strokeLines:
+            polyData = vtk.vtkPolyData()
+            mapper = vtk.vtkPolyDataMapper2D()
+            mapper.SetInputData(polyData)
+            actor = vtk.vtkActor2D()
+            actor.SetMapper(mapper)
+            actor.GetProperty().SetLineWidth(2)
+            self.scriptedEffect.addActor2D(viewWidget, actor)
+            self._strokeLines[viewWidget] = (polyData, actor)
+        polyData, actor = self._strokeLines[viewWidget]
+        actor.GetProperty().SetColor(*(INCLUDE_COLOR if stroke["positive"] else EXCLUDE_COLOR))
+        points = vtk.vtkPoints()
+        for x, y in stroke["xy"]:
+            points.InsertNextPoint(x, y, 0)
+        ids = list(range(len(stroke["xy"])))
+        if stroke["kind"] == "lasso" and len(ids) > 2:
+            ids.append(0)
+        lines = vtk.vtkCellArray()
+        if len(ids) > 1:
+            lines.InsertNextCell(len(ids), ids)
+        polyData.SetPoints(points)
+        polyData.SetLines(lines)
+        polyData.Modified()
+        viewWidget.sliceView().scheduleRender()
+
+    def _removeStrokeLine(self, viewWidget):
+        entry = self._strokeLines.pop(viewWidget, None)
+        if entry is not None:
+            self.scriptedEffect.removeActor2D(viewWidget, entry[1])
+            viewWidget.sliceView().scheduleRender()
+
+    def _forgetStrokeLines(self):
+        """Remove the stroke actors from their views (views already deleted are skipped), then forget them."""
+        for viewWidget in list(self._strokeLines):
+            try:
+                self._removeStrokeLine(viewWidget)
+            except Exception:  # the view was already deleted with its renderer
+                self._strokeLines.pop(viewWidget, None)
+        self._strokeLines = {}
 
     def _removeRubberBand(self, viewWidget):
         entry = self._rubberBands.pop(viewWidget, None)
