@@ -36,6 +36,7 @@ TORCHVISION = Requirement("torchvision", "torchvision" + TORCHVISION_REQUIREMENT
 SERVER = (
     Requirement("fastapi", "fastapi>=0.110", "the SAM 3D server's HTTP routes"),
     Requirement("uvicorn", "uvicorn>=0.27", "the SAM 3D server"),
+    Requirement("blosc2", "blosc2>=2.0", "the server's nnInteractive routes (their array format)"),
     Requirement("SimpleITK", "SimpleITK>=2.3", "volume files of the library"),
     Requirement("scipy", "scipy>=1.10", "mask post-processing"),
 )

@@ -45,6 +45,9 @@ def add_parser(subparsers) -> None:
                         help="free a session whose client stops polling its propagation for this long (default 30)")
     parser.add_argument("--cache-mb", type=float, default=2048.0,
                         help="image-feature cache budget shared by all sessions, in MB (default 2048)")
+    parser.add_argument("--nninteractive-budget", type=float, default=40.0, metavar="SECONDS",
+                        help="an nnInteractive client's prediction answers after at most this long of propagation, "
+                             "with the slices done by then (its client waits 60 s; default 40; docs/nninteractive.md)")
     parser.add_argument("--engine", default="auto", choices=("auto", "weightfree", "slicewise", "sam2"),
                         help="default engine of the sessions (as for `sam3d segment`)")
     parser.add_argument("--model", help="registry model name (see `sam3d models list`)")
@@ -102,7 +105,7 @@ def run(args) -> int:
     from ..serving.app import create_app
     from ..serving.store import MB, ServerCore, ServerLimits
 
-    for name in ("max_sessions", "max_volume_mb", "idle_timeout", "lease", "cache_mb"):
+    for name in ("max_sessions", "max_volume_mb", "idle_timeout", "lease", "cache_mb", "nninteractive_budget"):
         if getattr(args, name) <= 0:
             raise InputError(f"--{name.replace('_', '-')} must be positive; got {getattr(args, name)}.")
     choice = choose_engine(args.engine, args.model, args.checkpoint)
@@ -111,6 +114,7 @@ def run(args) -> int:
     limits = ServerLimits(
         max_sessions=args.max_sessions, max_volume_bytes=max_volume, idle_timeout_s=args.idle_timeout,
         lease_s=args.lease, cache_bytes=int(args.cache_mb * MB), volume_budget_bytes=max(4 * max_volume, 4096 * MB),
+        prediction_budget_s=args.nninteractive_budget,
     )
     tokens, token_path, private_folder = server_tokens(args.token_file)
     core = ServerCore(choice, limits, device=None if args.device == "auto" else args.device)

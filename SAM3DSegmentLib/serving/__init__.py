@@ -6,7 +6,9 @@ session core that knows nothing of HTTP (``store``: volumes by hash, sessions pe
 history, propagation jobs, leases and idle freeing, one feature-cache budget), the model worker
 that runs all model work on one thread taking sessions in turn (``worker``), the FastAPI routes
 over the core (``app``), and ``client`` (:class:`~SAM3DSegmentLib.serving.client.RemoteSession`,
-the session interface over HTTP with numpy and the standard library only). Imports ``errors``,
+the session interface over HTTP with numpy and the standard library only), and nnInteractive's
+remote protocol over the same core (``nninteractive`` with its array format in
+``nninteractive_arrays``; docs/nninteractive.md). Imports ``errors``,
 ``data`` and ``engines`` (never ``evaluation`` or ``commands``); ``protocol`` and ``client``
 must never import torch. See docs/server.md.
 """

@@ -4,7 +4,8 @@ Every request needs ``Authorization: Bearer <token>`` (401 otherwise); the token
 owner, so one token's volumes and sessions are "not found" (404) for another. Bodies are read
 up to a limit (413, with the limit in the message); malformed input gives 400 with the
 library's own message. Errors are JSON ``{"error": <exception class>, "message": <text>}``.
-Routes are listed in docs/server.md.
+Routes are listed in docs/server.md. nnInteractive's remote protocol is mounted under
+``/nninteractive`` (:mod:`.nninteractive`, with its own error shape; docs/nninteractive.md).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import InputError, PromptError, PropagationCancelled, SAM3DError
 from . import protocol
+from .nninteractive import PREFIX as NNINTERACTIVE_PREFIX
+from .nninteractive import create_router as nninteractive_router
 from .protocol import TooLarge
 from .store import MB, Refused, ServerCore
 
@@ -94,6 +97,7 @@ def create_app(core: ServerCore, tokens: list[str]) -> FastAPI:
     owners = [(t.encode(), owner_of(t)) for t in tokens]
     app = FastAPI(title="sam3d serve", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.core = core
+    app.include_router(nninteractive_router(core), prefix=NNINTERACTIVE_PREFIX)  # docs/nninteractive.md
 
     @app.middleware("http")
     async def authenticate(request: Request, call_next):

@@ -234,10 +234,37 @@ class ServerCore:
         log.info("volume %s: %s %s stored", actual[:12], volume.array.dtype, volume.shape)
         return self.volume_info(owner, actual)
 
+    def store_volume(self, owner: str, volume: Volume) -> dict:
+        """Keep a volume decoded elsewhere (another protocol's upload) under its sha256, as :meth:`put_volume`."""
+        sha = protocol.volume_sha256(volume)
+        check_segmentable(volume)
+        with self._lock:
+            self._volumes[(owner, sha)] = StoredVolume(volume, volume.array.nbytes)
+            self._drop_unused_volumes(time.monotonic(), keep=(owner, sha))
+        return self.volume_info(owner, sha)
+
     # --- sessions ------------------------------------------------------------------------------
 
-    def open_session(self, owner: str, request: dict) -> Future:
-        """Open a session on an uploaded volume; the future gives :meth:`session_info`."""
+    def hold_slot(self, slot: str) -> None:
+        """Count ``slot`` (another protocol's lease, before it opens a session) against ``max_sessions``;
+        sessions opened with that ``slot`` share it. :class:`Refused` 503 when the server is full."""
+        with self._lock:
+            if slot not in self._held_slots and self._slots_used() >= self.limits.max_sessions:
+                raise Refused(503, f"The server has {self.limits.max_sessions} sessions open, its limit "
+                                   "(sam3d serve --max-sessions); close one or try again later.")
+            self._held_slots.add(slot)
+
+    def drop_slot(self, slot: str) -> None:
+        with self._lock:
+            self._held_slots.discard(slot)
+
+    def _slots_used(self) -> int:
+        """Held slots and open sessions, sessions sharing a slot counted once (lock held)."""
+        return len(self._held_slots | {s.slot or s.session_id for s in self._sessions.values()})
+
+    def open_session(self, owner: str, request: dict, slot: str | None = None) -> Future:
+        """Open a session on an uploaded volume; the future gives :meth:`session_info`.
+        ``slot``: a slot held with :meth:`hold_slot` that the session uses instead of its own."""
         sha = request.get("volume")
         if not isinstance(sha, str):
             raise InputError("Opening a session needs 'volume': the sha256 of an uploaded volume.")
@@ -251,11 +278,11 @@ class ServerCore:
             stored = self._volumes.get((owner, sha))
             if stored is None:
                 raise Refused(404, f"Volume {sha} is not on this server; upload it first.")
-            if len(self._sessions) >= self.limits.max_sessions:
+            if slot not in self._held_slots and self._slots_used() >= self.limits.max_sessions:
                 raise Refused(503, f"The server has {self.limits.max_sessions} sessions open, its limit "
                                    "(sam3d serve --max-sessions); close one or try again later.")
             stored.last_used = time.monotonic()
-            hosted = HostedSession(session_id, owner, sha, axis)
+            hosted = HostedSession(session_id, owner, sha, axis, slot=slot)
             self._sessions[session_id] = hosted  # holds the place while the worker opens it
         cache_key = (owner, sha, axis, choice.engine, choice.spec and choice.spec.name,
                      str(choice.checkpoint_path), repr(window), self.device)
@@ -297,6 +324,14 @@ class ServerCore:
         hosted = self._get(owner, session_id)
         self._forget(session_id)
         self._free(hosted, "the client closed it")
+
+    def run(self, owner: str, session_id: str, fn: Callable[[Any], Any]) -> Future:
+        """Run ``fn(session)`` on the worker in the session's turn as an interactive call (another
+        protocol's own actions); the future gives its result."""
+        hosted = self._get(owner, session_id)
+        if hosted.session is None:
+            raise Refused(409, "The session is still opening; wait for the open request to answer.")
+        return self.worker.submit(session_id, lambda: fn(hosted.session), interactive=True)
 
     def call(self, owner: str, session_id: str, action: str, object_id: int, *args) -> Future:
         """Run a session action on the worker: add_prompt, set_slice_mask, remove_anchor,
@@ -467,6 +502,8 @@ class ServerCore:
             lease = hosted.expires_after(self.limits) == self.limits.lease_s
             self._free(hosted, f"no request for {now - hosted.last_seen:.0f} s "
                                + ("while its propagation waited for the client" if lease else "(idle timeout)"))
+        for hook in self.sweep_hooks:
+            hook(now)
 
     def _drop_unused_volumes(self, now: float, keep: tuple | None = None) -> None:
         """Drop volumes no session uses: idle ones, then the oldest while over budget (lock held)."""
