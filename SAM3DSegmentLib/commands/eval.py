@@ -58,6 +58,15 @@ def add_parser(subparsers) -> None:
                         default=["box", "mask", "box+mask", "points", "points+mask", "point"])
     parser.add_argument("--sweep-min-area", nargs="*", type=int, default=[1, 10, 50])
     parser.add_argument("--sweep-patience", nargs="*", type=int, default=[1, 2, 3])
+    parser.add_argument("--protocol", choices=("ours", "cvpr25"), default="ours",
+                        help="ours: the simulated user above; cvpr25: the CVPR 2025 challenge's box + 5 clicks "
+                             "on every class of each image, scored as the challenge scores them (DSC, NSD, AUCs, "
+                             "90 s per class); writes cvpr25.csv, cvpr25_summary.md, cvpr25_dice.png and each "
+                             "case's segs/all_segs .npz")
+    parser.add_argument("--gts", help="cvpr25: folder of reference .npz (key gts) when --data is a folder of "
+                                      "challenge .npz cases without their own gts")
+    parser.add_argument("--no-z-range", action="store_true",
+                        help="cvpr25: do not limit propagation to each box's slice range")
     parser.add_argument("--no-montage", action="store_true", help="skip the PNG montages")
     parser.add_argument("--out", default="sam3d-eval", help="output folder (default: ./sam3d-eval)")
     parser.set_defaults(run=run)
@@ -134,6 +143,8 @@ def run(args: argparse.Namespace) -> int:
         axis=args.axis, nsd_tolerance_mm=args.nsd_tolerance,
         propagation=PropagationOptions(stop=StopRule(**stop)), engine_options=engine_options,
     )
+    if args.protocol == "cvpr25":
+        return run_cvpr25(args, config)
     cases = select_cases(open_dataset(args.data), args.cases)
     if args.sweep:
         return run_sweep(args, config, cases)
@@ -171,4 +182,44 @@ def run_sweep(args: argparse.Namespace, config, cases) -> int:
     )
     print(table)
     print(f"wrote {out}/sweep.md")
+    return 0
+
+
+def run_cvpr25(args: argparse.Namespace, config) -> int:
+    """The CVPR 2025 challenge's protocol for each engine; one CSV, summary and plot for all."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    from ..errors import InputError
+    from ..evaluation import cvpr25
+    from ..evaluation.cvpr25_files import images_from_cases, is_challenge_folder, read_challenge_folder
+    from ..evaluation.datasets import open_dataset, select_cases
+
+    unsupported = [e for e in args.engine if e.startswith("litemedsam-")]
+    if unsupported or args.sweep:
+        raise InputError(f"--protocol cvpr25 runs the engines (weightfree, slicewise, sam2, auto, oracle); "
+                         f"not {', '.join(unsupported) or '--sweep'}.")
+    challenge = is_challenge_folder(args.data)
+    if args.gts and not challenge:
+        raise InputError("--gts goes with --data pointing at a folder of challenge .npz cases.")
+
+    def images():
+        if challenge:
+            return read_challenge_folder(args.data, args.gts, args.cases, args.axis)
+        return images_from_cases(select_cases(open_dataset(args.data), args.cases), args.targets, args.axis, args.seed)
+
+    out = Path(args.out)
+    rows = []
+    for engine in args.engine:
+        with_model = engine in ("auto", "slicewise", "sam2")
+        engine_config = replace(config, engine=engine, model=args.model if with_model else None,
+                                engine_options=config.engine_options if with_model else {})
+        folder = out / engine if len(args.engine) > 1 else out
+        rows += cvpr25.evaluate_images(engine_config, images(), folder, use_z_range=not args.no_z_range)
+    if len(args.engine) > 1:
+        cvpr25.write_csv(rows, out / "cvpr25.csv")
+        (out / "cvpr25_summary.md").write_text(cvpr25.summarise(rows), encoding="utf-8")
+        cvpr25.save_step_plot(rows, out / "cvpr25_dice.png")
+    print(cvpr25.summary_table(rows))
+    print(f"wrote {out}/cvpr25.csv, {out}/cvpr25_summary.md, {out}/cvpr25_dice.png and segs per case")
     return 0
