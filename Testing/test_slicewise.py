@@ -234,6 +234,20 @@ def test_anchors_meet_in_the_middle():
     assert came_from[9] == 8 and came_from[19] == 20
 
 
+def test_between_two_anchors_only_an_empty_mask_stops_a_run():
+    """The run from slice 20 towards slice 8 meets low scores at once; the stop rule would leave
+    slices 15..19 empty although both anchors hold the object. Outer runs keep the rule."""
+    volume, reference = moving_ellipse()
+    low = {k: 0.1 for k in range(16, 20)} | {k: 0.1 for k in range(22, 25)}
+    session = SlicewiseSession(volume, 0, ReferenceMaskPredictor(reference, scores=low))
+    session.add_prompt(1, click_on(reference, 8))
+    session.add_prompt(1, click_on(reference, 20))
+    result = session.propagate(1, STOP)
+    expected = reference.copy()
+    expected[22:] = False  # beyond the last anchor the low scores stop the run (patience 2)
+    assert np.array_equal(result.mask, expected)
+
+
 def test_correction_recomputes_only_the_affected_range_and_reuses_encodings():
     volume, reference = moving_ellipse()
     predictor = ReferenceMaskPredictor(reference)

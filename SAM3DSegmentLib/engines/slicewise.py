@@ -35,6 +35,7 @@ from .session import (
     RunsOutput,
     Session,
     SliceMask,
+    StopRule,
     StopTracker,
 )
 
@@ -225,16 +226,17 @@ class SlicewiseSession(Session):
             if not source.mask.any():
                 reasons[key] = f"anchor slice {run.start} has an empty mask; nothing to propagate"
                 continue
-            tracker = StopTracker(options.stop)
+            rule = options.stop if run.toward is None else self._between_anchors_rule(object_id, run, options.stop)
+            tracker = StopTracker(rule)
             tissue = None
-            if options.stop.min_likeness is not None:
+            if rule.min_likeness is not None:
                 tissue = IntensityRange.of(get_slice(self.volume.array, self.axis, run.start), source.mask)
             for index in run.slices:
                 tick(index)
                 prompt = project_prompt(source.mask, self.axis, index, self.options)
                 result = self._cleaned(self.predictor.predict(index, prompt, previous=source))
                 likeness = None if tissue is None else tissue.likeness(get_slice(self.volume.array, self.axis, index), result.mask)
-                reason = options.stop.absent_reason(result.mask, result.score, result.stability, source.mask, likeness)
+                reason = rule.absent_reason(result.mask, result.score, result.stability, source.mask, likeness)
                 if reason is None:
                     masks[index] = result
                     source = result
@@ -245,6 +247,14 @@ class SlicewiseSession(Session):
                     reasons[key] = tracker.reason or reason
                     break
         return RunsOutput(masks, reasons)
+
+    def _between_anchors_rule(self, object_id: int, run: Run, rule: StopRule) -> StopRule:
+        """Between two anchors that both hold the object it is there on every slice: only an empty
+        mask ends a run (a click on a slice the object barely touches must not leave a gap). Toward
+        an anchor the user left empty the object ends on the way, so the full rule applies."""
+        if not self.anchor_result(object_id, run.toward).mask.any():
+            return rule
+        return StopRule(min_area=1, min_score=None, min_stability=None, min_overlap=None, min_likeness=None, patience=1)
 
     def propagate(
         self,
