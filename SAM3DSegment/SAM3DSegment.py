@@ -123,6 +123,7 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                      self.ui.patienceSpinBox, self.ui.minScoreSpinBox):
             spin.connect("valueChanged(double)" if spin is self.ui.minScoreSpinBox else "valueChanged(int)",
                          self.updateParameterNodeFromGUI)
+        self.ui.excludeOtherSegmentsCheckBox.connect("toggled(bool)", self.updateParameterNodeFromGUI)
         self.ui.checkpointPathLineEdit.connect("currentPathChanged(QString)", self.updateParameterNodeFromGUI)
         self.ui.serverUrlLineEdit.connect("editingFinished()", self.updateParameterNodeFromGUI)
         self.ui.serverTokenFileLineEdit.connect("currentPathChanged(QString)", self.updateParameterNodeFromGUI)
@@ -180,6 +181,7 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.patienceSpinBox.value = settings.patience
             self.ui.projectionComboBox.currentText = settings.projection
             self.ui.projectionComboBox.enabled = settings.engine != "sam2"
+            self.ui.excludeOtherSegmentsCheckBox.checked = settings.exclude_other_segments
             self.ui.serverUrlLineEdit.text = settings.server_url
             self.ui.serverTokenFileLineEdit.currentPath = settings.server_token_file
             self.ui.modelStateLabel.text = self.logic.modelState(settings)
@@ -201,6 +203,7 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             min_score=self.ui.minScoreSpinBox.value,
             patience=self.ui.patienceSpinBox.value,
             projection=self.ui.projectionComboBox.currentText,
+            exclude_other_segments=self.ui.excludeOtherSegmentsCheckBox.checked,
             server_url=self.ui.serverUrlLineEdit.text.strip(),
             server_token_file=self.ui.serverTokenFileLineEdit.currentPath,
         )

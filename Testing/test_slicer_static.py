@@ -368,3 +368,22 @@ def test_icons_are_real_pngs():
 def test_the_effect_and_self_test_never_open_in_process_sessions():
     for path in (MODULE_SCRIPT, EFFECT_SCRIPT):
         assert "session_factory_for" not in path.read_text(encoding="utf-8"), path.name
+
+
+def test_every_panel_setting_is_read_and_written_by_the_panel_and_exclusion_reaches_the_logic():
+    """Each PanelSettings field goes GUI -> parameter node and back (a forgotten field would reset to its
+    default); "Other segments are exclude prompts" is in the panel, the effect's options and the logic."""
+    from dataclasses import fields
+
+    sys.path.insert(0, str(MODULE))
+    from SAM3DSegmentSlicerLogic.settings import PanelSettings
+
+    to_node = _method_source("updateParameterNodeFromGUI", MODULE_SCRIPT, "SAM3DSegmentWidget")
+    to_gui = _method_source("updateGUIFromParameterNode", MODULE_SCRIPT, "SAM3DSegmentWidget")
+    for f in fields(PanelSettings):
+        assert f"{f.name}=" in to_node, f"{f.name} is not saved from the panel"
+        assert f"settings.{f.name}" in to_gui, f"{f.name} is not shown in the panel"
+    assert "excludeOtherSegmentsCheckBox" in ui_widget_names()
+    assert "exclude_other_segments=lambda: self._moduleSettings().exclude_other_segments" in _method_source("_ensurePropagation")
+    assert "onExcludeOtherSegmentsToggled" in _method_source("setupOptionsFrame")
+    assert "excludeOtherSegmentsCheckBox.checked = settings.exclude_other_segments" in _method_source("updateGUIFromMRML")

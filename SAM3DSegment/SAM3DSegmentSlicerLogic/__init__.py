@@ -3,6 +3,7 @@
 - :mod:`.volume_nodes`: volume node -> library ``Volume``; labelmaps <-> numpy.
 - :mod:`.view_prompts`: RAS clicks / boxes in a slice view -> ``SlicePrompt`` on the best-aligned axis.
 - :mod:`.drawn_prompts`: lasso contours -> mask prompts, scribble strokes -> sampled points.
+- :mod:`.other_segment_prompts`: exclude points inside other visible segments near a prompt ("Other segments are exclude prompts").
 - :mod:`.masking`: the Segment Editor's editable area, intensity range and overwrite settings.
 - :mod:`.segment_writer`: writing a mask into one segment (undo state first, changed extent only).
 - :mod:`.segment_propagation`: prompts, preview, propagate, re-propagate after edits.

@@ -32,7 +32,8 @@ from SAM3DSegmentLib.engines.session import (
 from SAM3DSegmentLib.errors import InputError, PromptError
 
 from .masking import MaskingSettings
-from .segment_writer import WriteReport, check_segment, read_segment, write_segment
+from .other_segment_prompts import exclude_points, with_exclude_points
+from .segment_writer import WriteReport, check_segment, index_extent, other_segments, read_segment, write_segment
 from .drawn_prompts import lasso_prompt, scribble_prompt
 from .view_prompts import box_prompt, point_prompt, slice_index_of_view
 from .volume_nodes import extent_slices, volume_from_node
@@ -61,6 +62,7 @@ class SegmentPropagation:
         session_factory: SessionFactory,
         masking: Callable[[], MaskingSettings] | None = None,
         save_undo_state: Callable[[], None] | None = None,
+        exclude_other_segments: Callable[[], bool] | bool = False,
     ):
         self.volume: Volume = volume_from_node(volume_node)
         if segmentation_node is None:
@@ -70,6 +72,8 @@ class SegmentPropagation:
         self.session_factory = session_factory
         self.masking = masking or MaskingSettings
         self.save_undo_state = save_undo_state
+        self.exclude_other_segments = exclude_other_segments
+        self.last_exclude_points: list = []  # added to the last prompt (other_segment_prompts.py)
         self.session: Session | None = None
         self.axis: int | None = None
         self._object_ids: dict[str, int] = {}
@@ -193,10 +197,32 @@ class SegmentPropagation:
         mask[within] = preview.mask
         return self._write(segment_id, mask, within)
 
+    def excluding_other_segments(self, segment_id: str, prompt: SlicePrompt) -> SlicePrompt:
+        """With the setting "Other segments are exclude prompts" on: the prompt plus exclude points
+        inside the other visible segments near it, on the prompt's slice only
+        (:mod:`.other_segment_prompts`). ``last_exclude_points`` holds what was added."""
+        enabled = self.exclude_other_segments
+        self.last_exclude_points = []
+        if not (enabled() if callable(enabled) else enabled) or prompt.mask is not None:
+            return prompt
+        extent = index_extent(slice_index_tuple(prompt.axis, prompt.index), self.volume.shape)
+        layers = other_segments(self.segmentation_node, segment_id, self.volume, extent)
+        others = [get_slice(layer.mask, prompt.axis, 0) for layer in layers.values() if layer.visible]
+        others = [mask for mask in others if mask.any()]
+        pixel_mm = np.delete(self.volume.spacing_kji, prompt.axis)
+        self.last_exclude_points = exclude_points(prompt, others, pixel_mm)
+        if self.last_exclude_points:
+            log.info("Exclude points inside other segments on slice %d: %s", prompt.index,
+                     [(p.row, p.col) for p in self.last_exclude_points])
+        return with_exclude_points(prompt, self.last_exclude_points)
+
     def add_prompt(self, segment_id: str, prompt: SlicePrompt, replace: bool = False) -> Preview:
-        """Prompt, preview, write the preview slice (``replace``: see :meth:`preview_in_session`)."""
+        """Prompt, preview, write the preview slice (``replace``: see :meth:`preview_in_session`).
+        Other visible segments become exclude points on the slice when the setting says so."""
         check_segment(self.segmentation_node, segment_id)
         self.use_axis(prompt.axis)
+        self.refuse_while_busy("a new prompt")
+        prompt = self.excluding_other_segments(segment_id, prompt)
         preview = self.preview_in_session(segment_id, prompt, replace)
         self.write_preview(segment_id, preview)
         return preview

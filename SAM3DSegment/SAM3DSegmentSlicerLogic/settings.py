@@ -30,6 +30,7 @@ class PanelSettings:
     min_score: float = 0.5
     patience: int = 2
     projection: str = "box"
+    exclude_other_segments: bool = True
     server_url: str = ""
     server_token_file: str = ""
 
@@ -78,6 +79,10 @@ def load_settings(node) -> PanelSettings:
         if not text:
             continue
         default = getattr(settings, f.name)
+        if isinstance(default, bool):  # saved as "True" / "False"; bool("False") would be True
+            if text in ("True", "False", "1", "0"):
+                setattr(settings, f.name, text in ("True", "1"))
+            continue
         try:
             value = type(default)(text)
         except ValueError:

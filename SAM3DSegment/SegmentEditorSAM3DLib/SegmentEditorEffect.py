@@ -145,6 +145,14 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.progressBar.setVisible(False)
         self.scriptedEffect.addOptionsWidget(self.progressBar)
 
+        self.excludeOtherSegmentsCheckBox = qt.QCheckBox("Other segments are exclude prompts")
+        self.excludeOtherSegmentsCheckBox.toolTip = (
+            "A click, scribble or box also gets exclude points inside the other visible segments next to it, on "
+            "that slice, so the model keeps away from them (kept with the SAM 3D module's settings). Whether other "
+            "segments may be overwritten is the Masking setting below (overwrite: none / visible / all).")
+        self.excludeOtherSegmentsCheckBox.connect("toggled(bool)", self.onExcludeOtherSegmentsToggled)
+        self.scriptedEffect.addOptionsWidget(self.excludeOtherSegmentsCheckBox)
+
         self.showMarkersCheckBox = qt.QCheckBox("Show prompt markers")
         self.showMarkersCheckBox.checked = True
         self.showMarkersCheckBox.connect("toggled(bool)", self.updateMRMLFromGUI)
@@ -172,6 +180,9 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.showMarkersCheckBox.checked = self.scriptedEffect.integerParameter("ShowPromptMarkers") != 0
         self.showMarkersCheckBox.blockSignals(blocked)
         settings = self._moduleSettings()
+        blocked = self.excludeOtherSegmentsCheckBox.blockSignals(True)
+        self.excludeOtherSegmentsCheckBox.checked = settings.exclude_other_segments
+        self.excludeOtherSegmentsCheckBox.blockSignals(blocked)
         where = f" on {settings.server_url}" if settings.uses_remote_server else ""
         self.engineLabel.text = f"{settings.engine}" + (f" / {settings.model}" if settings.model else "") + where
         self.updateButtons()
@@ -179,6 +190,16 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     def updateMRMLFromGUI(self, *unused):
         self.scriptedEffect.setParameter("ShowPromptMarkers", 1 if self.showMarkersCheckBox.checked else 0)
         self.updateMarkers()
+
+    def onExcludeOtherSegmentsToggled(self, checked):
+        """The setting lives in the SAM 3D module's parameter node (PanelSettings.exclude_other_segments);
+        the logic reads it at every prompt."""
+        from SAM3DSegmentSlicerLogic.settings import load_settings, save_settings
+
+        node = self._moduleParameterNode(create=True)
+        settings = load_settings(node)
+        settings.exclude_other_segments = bool(checked)
+        save_settings(settings, node)
 
     def activate(self):
         self.updateMarkers()
@@ -324,6 +345,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         preview = self.propagation.add_prompt(segmentId, prompt, replace=replace)
         score = "" if preview.score is None else f", score {preview.score:.2f}"
         self.statusLabel.text = f"Preview on slice {preview.index} in {preview.seconds:.2f} s{score}"
+        if self.propagation.last_exclude_points:
+            self.statusLabel.text += f"; {len(self.propagation.last_exclude_points)} exclude point(s) inside other segments"
         if previousAxis is not None and previousAxis != prompt.axis:
             self.statusLabel.text += ". Prompted in another view: propagation now follows this view; earlier prompts were dropped."
         self.updateMarkers()
@@ -536,8 +559,19 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     def _moduleSettings(self):
         from SAM3DSegmentSlicerLogic.settings import load_settings
 
+        return load_settings(self._moduleParameterNode())
+
+    def _moduleParameterNode(self, create=False):
+        """The SAM 3D module's parameter node (as ScriptedLoadableModuleLogic.getParameterNode makes it)."""
         node = slicer.mrmlScene.GetSingletonNode("SAM3DSegment", "vtkMRMLScriptedModuleNode")
-        return load_settings(node)
+        if node is None and create:
+            node = slicer.mrmlScene.CreateNodeByClass("vtkMRMLScriptedModuleNode")
+            node.UnRegister(None)
+            node.SetSingletonTag("SAM3DSegment")
+            node.SetAttribute("ModuleName", "SAM3DSegment")
+            node.SetName(slicer.mrmlScene.GenerateUniqueName("SAM3DSegment"))
+            node = slicer.mrmlScene.AddNode(node)
+        return node
 
     def _ensurePropagation(self):
         """The logic for the current source volume, segmentation and engine settings."""
@@ -564,6 +598,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             volumeNode, segmentationNode, factory,
             masking=lambda: masking_from_editor_node(self.scriptedEffect.parameterSetNode()),
             save_undo_state=self.scriptedEffect.saveStateForUndo,
+            exclude_other_segments=lambda: self._moduleSettings().exclude_other_segments,
         )
         self._propagationKey = key
 
