@@ -8,7 +8,8 @@ that runs all model work on one thread taking sessions in turn (``worker``), the
 over the core (``app``), and ``client`` (:class:`~SAM3DSegmentLib.serving.client.RemoteSession`,
 the session interface over HTTP with numpy and the standard library only), and nnInteractive's
 remote protocol over the same core (``nninteractive`` with its array format in
-``nninteractive_arrays``; docs/nninteractive.md). Imports ``errors``,
+``nninteractive_arrays``; docs/nninteractive.md), and ``load_bench`` (``sam3d bench --server``:
+simulated annotators against one server). Imports ``errors``,
 ``data`` and ``engines`` (never ``evaluation`` or ``commands``); ``protocol`` and ``client``
 must never import torch. See docs/server.md.
 """
