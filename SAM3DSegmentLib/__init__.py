@@ -5,7 +5,8 @@ No Slicer and no Qt here. One subpackage per layer, each importing only the laye
 
 ``errors`` (the exception types) < ``data`` (volumes, files, windowing, prompts) < ``models``
 (registry, checkpoints, downloads, devices, model input) < ``engines`` (the session interface
-and the engines) < ``evaluation`` (metrics, simulated users, datasets, benchmarks) <
+and the engines) < ``training`` (fine-tuning on the user's labels) < ``evaluation`` (metrics,
+simulated users, datasets, benchmarks) <
 ``serving`` (``sam3d serve`` and its torch-free client) < ``commands`` (the ``sam3d`` command
 line).
 

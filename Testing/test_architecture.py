@@ -14,7 +14,7 @@ import pytest
 
 LIB = Path(__file__).resolve().parents[1] / "SAM3DSegmentLib"
 PACKAGE = "SAM3DSegmentLib"
-LAYERS = ("errors", "data", "models", "engines", "evaluation", "serving", "commands")
+LAYERS = ("errors", "data", "models", "engines", "training", "evaluation", "serving", "commands")
 
 
 def library_modules() -> dict[str, Path]:

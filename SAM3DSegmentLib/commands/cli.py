@@ -14,7 +14,7 @@ import sys
 from ..errors import SAM3DError
 
 # One module per subcommand in this package; each defines add_parser(subparsers).
-COMMANDS: tuple[str, ...] = ("segment", "demo", "models", "eval", "bench", "serve")
+COMMANDS: tuple[str, ...] = ("segment", "demo", "models", "eval", "bench", "serve", "finetune")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -45,7 +45,7 @@ def run(args) -> int:
     out = Path(args.out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     window = parse_window(args.window)
-    choice = choose_engine(args.engine, args.model, args.checkpoint)
+    choice = choose_engine(args.engine, args.model, args.checkpoint, args.adapter)
     sample = make_sample()
     volume = sample.volume
     k, j, i = sample.click_kji

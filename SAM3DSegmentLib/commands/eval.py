@@ -30,6 +30,7 @@ def add_parser(subparsers) -> None:
                              "files go into a subfolder")
     parser.add_argument("--model", help="registered model name (see `sam3d models list`)")
     parser.add_argument("--checkpoint", help="local checkpoint file")
+    parser.add_argument("--adapter", help="an adapter from `sam3d finetune` on top of the model's weights")
     parser.add_argument("--device", help="cpu, cuda, mps (default: best available)")
     parser.add_argument("--prompt", choices=("click", "box"), default="click")
     parser.add_argument("--box-jitter", type=float, default=0.0,
@@ -137,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
     if args.projection:
         engine_options["projection"] = args.projection
     config = EvaluationConfig(
-        engine=args.engine[0], model=args.model, checkpoint=args.checkpoint, device=args.device,
+        engine=args.engine[0], model=args.model, checkpoint=args.checkpoint, adapter=args.adapter, device=args.device,
         prompt=args.prompt, box_jitter=args.box_jitter, corrections=args.corrections, rounds=args.rounds,
         seed=args.seed,
         axis=args.axis, nsd_tolerance_mm=args.nsd_tolerance,

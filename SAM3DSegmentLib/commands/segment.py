@@ -70,11 +70,13 @@ def accept_negative_coordinates(parser: argparse.ArgumentParser) -> None:
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    """--engine, --model, --checkpoint, --device, --window (shared with ``sam3d demo``)."""
+    """--engine, --model, --checkpoint, --adapter, --device, --window (shared with ``sam3d demo``)."""
     parser.add_argument("--engine", default="auto", choices=("auto", "weightfree", "slicewise", "sam2"),
                         help="auto: SAM 2.1 / SAM if a checkpoint is available, else weight-free")
     parser.add_argument("--model", help="registry model name (see `sam3d models list`)")
     parser.add_argument("--checkpoint", metavar="FILE", help="local checkpoint file instead of the cache")
+    parser.add_argument("--adapter", metavar="FILE",
+                        help="an adapter from `sam3d finetune`, loaded on top of the model's weights")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--window", default="auto", metavar="WINDOW",
                         help="intensity window: auto, a CT preset (soft_tissue, lung, bone, brain, liver), "
@@ -247,8 +249,8 @@ def open_remote(args, volume, axis: int, window):
     """A session on the --server (its own engine, unless --engine / --model name one)."""
     from ..serving.client import open_remote_session
 
-    if args.checkpoint or args.device != "auto":
-        raise InputError("--checkpoint and --device apply to the server: give them to `sam3d serve`.")
+    if args.checkpoint or args.adapter or args.device != "auto":
+        raise InputError("--checkpoint, --adapter and --device apply to the server: give them to `sam3d serve`.")
     session = open_remote_session(args.server, volume, axis, token_file=args.token_file, window=window,
                                   engine=None if args.engine == "auto" else args.engine, model=args.model)
     print(f"engine: {session.engine_name} (on the server {args.server})")
@@ -264,7 +266,7 @@ def run(args) -> int:
     window = parse_window(args.window)
     slice_range = parse_numbers(args.slice_range, 2, "--slice-range") if args.slice_range else None
     volume_files.check_output_path(args.out, SEGMENTATION_SUFFIXES, "the segmentation (--out)")
-    choice = None if args.server else choose_engine(args.engine, args.model, args.checkpoint)
+    choice = None if args.server else choose_engine(args.engine, args.model, args.checkpoint, args.adapter)
     volume = volume_files.read_volume(args.image, component=args.component)
     check_segmentable(volume)
     slice_range = check_slice_range(slice_range, volume, axis)

@@ -16,7 +16,7 @@ Engine modules are imported only when a session is opened.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from ..data.intensity import WindowSpec
@@ -44,6 +44,8 @@ class EngineChoice:
     spec: ModelSpec | None
     checkpoint_path: Path | None
     reason: str
+    adapter: Path | None = None
+    """A ``sam3d finetune`` adapter file loaded on top of the checkpoint (None: the base weights)."""
 
 
 MEDICAL_MODELS = ("medsam2", "medsam_vit_b")
@@ -59,8 +61,15 @@ def auto_preference() -> list[str]:
     return names
 
 
-def choose_engine(engine: str = "auto", model: str | None = None, checkpoint: str | Path | None = None) -> EngineChoice:
+def choose_engine(
+    engine: str = "auto", model: str | None = None, checkpoint: str | Path | None = None, adapter: str | Path | None = None
+) -> EngineChoice:
     """The engine for these options; raises a clear error when the request cannot be met."""
+    if adapter is not None:  # the base model's choice, with the fine-tuned tensors on top
+        base = choose_engine(engine, model, checkpoint)
+        if base.spec is None:
+            raise InputError("An adapter goes on a model: give --model (e.g. litemedsam) with --adapter.")
+        return replace(base, adapter=Path(adapter).expanduser(), reason=f"{base.reason}, with the adapter {adapter}")
     if engine not in ENGINES:
         raise InputError(f"Unknown engine {engine!r}; choose one of {', '.join(ENGINES)}.")
     if engine == "weightfree":
@@ -170,8 +179,13 @@ def open_session(
             raise DependencyError(
                 f"The slicewise (SAM) engine is not available in this build ({exc}); use --engine weightfree."
             ) from exc
+        model = None
+        if choice.adapter is not None:
+            from ..models.builders import build_model
+
+            model = build_model(choice.spec, choice.checkpoint_path, device, adapter=choice.adapter)
         return open_sam_session(
-            volume, axis, spec=choice.spec, checkpoint_path=choice.checkpoint_path,
+            volume, axis, model, spec=choice.spec, checkpoint_path=choice.checkpoint_path,
             device=device, window=window, **options,
         )
     if choice.engine == "sam2":
@@ -185,7 +199,7 @@ def open_session(
         from ..models.devices import select_device
 
         torch_device = select_device(device)
-        model = build_model(choice.spec, choice.checkpoint_path, torch_device, video=True)
+        model = build_model(choice.spec, choice.checkpoint_path, torch_device, video=True, adapter=choice.adapter)
         return Sam2Session(
             volume, axis, model, choice.spec, window=window or WindowSpec(), device=torch_device, **options
         )

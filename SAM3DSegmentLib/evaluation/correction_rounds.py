@@ -52,6 +52,7 @@ class EvaluationConfig:
     engine: str = "weightfree"
     model: str | None = None
     checkpoint: str | None = None
+    adapter: str | None = None
     device: str | None = None
     prompt: str = "click"
     box_jitter: float = 0.0
@@ -98,7 +99,7 @@ def open_evaluation_session(config: EvaluationConfig, volume: Volume, reference:
         return SlicewiseSession(volume, config.axis, predictor, SlicewiseOptions(**config.engine_options))
     from ..engines.choice import choose_engine, open_session
 
-    choice = choose_engine(config.engine, config.model, config.checkpoint)
+    choice = choose_engine(config.engine, config.model, config.checkpoint, config.adapter)
     log.info("engine %s: %s", choice.engine, choice.reason)
     return open_session(choice, volume, config.axis, device=config.device, **config.engine_options)
 

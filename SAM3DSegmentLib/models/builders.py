@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 from typing import Sequence
 
-from ..errors import DependencyError, InputError
+from ..errors import CheckpointError, DependencyError, InputError
 from .checkpoint_state import load_checkpoint_state, load_state_strict
 from .devices import select_device
 from .registry import ModelSpec, get_spec
@@ -50,6 +50,7 @@ def build_model(
     *,
     video: bool = False,
     overrides: Sequence[str] = (),
+    adapter: str | Path | None = None,
 ):
     """The official model for ``spec``, in eval mode on ``device`` (a torch device or name).
 
@@ -57,6 +58,9 @@ def build_model(
     with ``video=True`` the ``SAM2VideoPredictor`` subclass, configured like
     ``sam2.build_sam.build_sam2_video_predictor``) or a ``MedSAMLite`` (family "litemedsam").
     ``checkpoint_path=None`` means random initialisation.
+
+    ``adapter`` is a file from ``sam3d finetune`` loaded on top of the checkpoint's weights
+    (:mod:`adapters`; it must have been trained on this very checkpoint).
 
     ``overrides`` are hydra-style config overrides for sam2 models (e.g.
     ``["++model.image_size=256"]``). They are TEST-ONLY: they make small random models for fast
@@ -79,9 +83,22 @@ def build_model(
         raise InputError(f"Model '{spec.name}' has unknown family {spec.family!r}.")
     if state is not None:
         load_state_strict(model, state, spec, checkpoint_path)
+    if adapter is not None:
+        _load_adapter(model, spec, checkpoint_path, adapter)
     model = model.to(torch_device)
     model.eval()
     return model
+
+
+def _load_adapter(model, spec: ModelSpec, checkpoint_path, adapter) -> None:
+    from .adapters import apply_adapter
+    from .checkpoint_cache import recorded_sha256, sha256_of
+
+    if checkpoint_path is None:
+        raise CheckpointError(f"Adapter {adapter} goes on top of {spec.name}'s weights: give its checkpoint too.")
+    path = Path(checkpoint_path)
+    metadata = apply_adapter(model, spec, adapter, recorded_sha256(path) or sha256_of(path))
+    log.info("Adapter %s loaded on %s (validation Dice %s).", adapter, spec.name, metadata.get("validation_dice"))
 
 
 def _build_sam(spec: ModelSpec):

@@ -1,0 +1,111 @@
+"""``sam3d finetune``: train LiteMedSAM's mask decoder on the user's volumes, save an adapter."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+log = logging.getLogger(__name__)
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "finetune",
+        help="fine-tune LiteMedSAM's decoder on your volumes and labels, save an adapter",
+        description=(
+            "Fine-tune a model on your own volumes and corrected labels (a cases.json or a folder of "
+            "image/label pairs, as `sam3d eval --data` reads them). The base weights stay frozen: the "
+            "mask decoder (and with --prompt-encoder the prompt encoder) is trained on the slices holding "
+            "each target, prompted with boxes from the label. The frozen encoder's embeddings are computed "
+            "once (cached in --work-dir). A validation split stops early; a checkpoint after each epoch "
+            "lets --resume continue. Writes a small adapter file: use it with "
+            "`sam3d segment/eval --model litemedsam --adapter FILE`. See docs/finetune.md."
+        ),
+    )
+    parser.add_argument("--data", required=True, help="cases.json, a folder holding one, or a folder of pairs")
+    parser.add_argument("--cases", nargs="*", help="case names (default: all)")
+    parser.add_argument("--targets", nargs="*", help="structure names or groups (default: each case's targets)")
+    parser.add_argument("--out", required=True, metavar="FILE", help="the adapter file to write (.pt)")
+    parser.add_argument("--model", default="litemedsam", help="base model (LiteMedSAM)")
+    parser.add_argument("--checkpoint", metavar="FILE", help="the base checkpoint file instead of the installed one")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    parser.add_argument("--axis", type=int, default=0, choices=(0, 1, 2), help="slice axis (array k, j, i)")
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=1e-4, help="learning rate (AdamW)")
+    parser.add_argument("--patience", type=int, default=3, help="epochs without a better validation Dice before stopping")
+    parser.add_argument("--validation-fraction", type=float, default=0.2, help="fraction of the slices held out")
+    parser.add_argument("--box-jitter", type=float, default=5.0, help="box side jitter in model pixels (256 px frame)")
+    parser.add_argument("--prompt-encoder", action="store_true", help="train the prompt encoder too")
+    parser.add_argument("--max-minutes", type=float, help="stop after this much training time")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work-dir", metavar="DIR", help="embedding cache and training checkpoint (default: OUT.work)")
+    parser.add_argument("--resume", action="store_true", help="continue from the training checkpoint in --work-dir")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    parser.set_defaults(run=run)
+
+
+class TrainingProgress:
+    """A one-line text progress bar on stderr, with what is being done."""
+
+    def __init__(self, stream=None, width: int = 30):
+        self.stream = stream or sys.stderr
+        self.width = width
+
+    def __call__(self, done: int, total: int, what: str) -> None:
+        total = max(total, 1)
+        filled = int(self.width * min(done, total) / total)
+        self.stream.write(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {done}/{total} {what}   ")
+        if done >= total:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..engines.choice import choose_engine
+    from ..errors import InputError
+    from ..evaluation.datasets import case_targets, load_case, open_dataset, select_cases, target_mask
+    from ..models.builders import build_model
+    from ..models.checkpoint_cache import recorded_sha256, sha256_of
+    from ..training.finetune import FinetuneConfig, finetune, write_adapter
+    from ..training.slices import prepare_slices
+
+    choice = choose_engine("slicewise", args.model, args.checkpoint)
+    if choice.spec.family != "litemedsam":
+        raise InputError(f"Fine-tuning is implemented for LiteMedSAM; {choice.spec.name} is a {choice.spec.family} model.")
+    config = FinetuneConfig(
+        epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
+        train_prompt_encoder=args.prompt_encoder, validation_fraction=args.validation_fraction,
+        patience=args.patience, box_jitter_px=args.box_jitter, max_minutes=args.max_minutes, seed=args.seed,
+    )
+    config.check()
+    out = Path(args.out)
+    work = Path(args.work_dir) if args.work_dir else out.with_name(out.name + ".work")
+    progress = None if args.no_progress else TrainingProgress()
+    sha = recorded_sha256(choice.checkpoint_path) or sha256_of(choice.checkpoint_path)
+    model = build_model(choice.spec, choice.checkpoint_path, args.device)
+    slices = []
+    for case in select_cases(open_dataset(args.data), args.cases):
+        volume, label = load_case(case)
+        for target in case_targets(case, label, args.targets):
+            reference = target_mask(case, label, target)
+            if not reference.any():
+                log.warning("%s: %s is empty, skipped.", case.name, target)
+                continue
+            slices += prepare_slices(model, choice.spec, volume, reference, name=f"{case.name}_{target}",
+                                     axis=args.axis, device=args.device, cache_dir=work / "embeddings",
+                                     base_sha256=sha, progress=progress)
+    if not slices:
+        raise InputError(f"No target found in {args.data}: check --cases/--targets.")
+    print(f"{len(slices)} training slices from {len({s.case for s in slices})} targets")
+    result = finetune(model, choice.spec, slices, config, base_sha256=sha, checkpoint_path=work / "checkpoint.pt",
+                      resume=args.resume, progress=progress)
+    write_adapter(out, result)
+    print(f"validation Dice {result.validation_dice_base:.3f} (base) -> {result.validation_dice:.3f} "
+          f"(epoch {result.best_epoch}; {result.stopped}); {result.seconds:.0f} s")
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB): "
+          f"sam3d segment --model {choice.spec.name} --adapter {out} ...")
+    return 0
