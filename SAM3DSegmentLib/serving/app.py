@@ -22,10 +22,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import InputError, PromptError, PropagationCancelled, SAM3DError
 from . import protocol
+from .bodies import read_body, read_json, upload_limit
 from .nninteractive import PREFIX as NNINTERACTIVE_PREFIX
 from .nninteractive import create_router as nninteractive_router
 from .protocol import TooLarge
-from .store import MB, Refused, ServerCore
+from .store import Refused, ServerCore
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +36,6 @@ SHA256 = re.compile(r"^[0-9a-f]{64}$")
 def owner_of(token: str) -> str:
     """The owner id of a token (the store never sees the token itself)."""
     return hashlib.sha256(token.encode()).hexdigest()[:24]
-
-
-def upload_limit(core: ServerCore) -> int:
-    """Largest volume upload body: the voxel limit, plus zlib's worst-case growth and the header."""
-    return int(core.limits.max_volume_bytes * 1.01) + 64 * 1024
 
 
 def error_response(exc: Exception) -> JSONResponse:
@@ -57,26 +53,6 @@ def error_response(exc: Exception) -> JSONResponse:
         status, name = 500, "ServerError"
         exc = f"The server failed ({type(exc).__name__}: {exc}); see its log."
     return JSONResponse({"error": name, "message": str(exc)}, status_code=status)
-
-
-async def read_body(request: Request, limit: int, what: str) -> bytes:
-    """The request body, or :class:`TooLarge` as soon as it passes ``limit`` bytes."""
-    too_large = TooLarge(f"The {what} is larger than {limit / MB:.1f} MB, the most this server accepts.")
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > limit:
-        raise too_large
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def read_json(request: Request) -> dict:
-    body = await read_body(request, protocol.MAX_JSON_BYTES, "request body")
-    return protocol.parse_json(body) if body else {}
 
 
 def as_int(text: str, what: str) -> int:

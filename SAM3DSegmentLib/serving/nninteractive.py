@@ -48,9 +48,10 @@ from ..data.volume_files import guess_modality
 from ..engines.session import PropagationOptions
 from ..errors import InputError, PromptError, PropagationCancelled, SAM3DError, ServerError
 from . import protocol
+from .bodies import read_body, read_json, upload_limit
 from .nninteractive_arrays import decode_array, encode_array
 from .protocol import TooLarge
-from .store import MB, UNDO_DEPTH, Refused, ServerCore
+from .store import UNDO_DEPTH, Refused, ServerCore
 
 log = logging.getLogger(__name__)
 
@@ -540,31 +541,10 @@ class NNInteractiveService:
 
 # --- HTTP ----------------------------------------------------------------------------------------
 
-async def read_limited(request: Request, limit: int, what: str) -> bytes:
-    """The request body, or :class:`TooLarge` once it passes ``limit`` bytes."""
-    too_large = TooLarge(f"The {what} is larger than {limit / MB:.1f} MB, the most this server accepts.")
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > limit:
-        raise too_large
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def json_body(request: Request) -> dict:
-    body = await read_limited(request, protocol.MAX_JSON_BYTES, "request body")
-    return protocol.parse_json(body) if body else {}
-
-
 async def binary_body(request: Request, core: ServerCore) -> tuple[bytes, dict]:
     """(NNIA body, X-Meta JSON) of a binary request."""
     meta = protocol.parse_json(request.headers.get(META_HEADER, "{}").encode(), "X-Meta header")
-    limit = int(core.limits.max_volume_bytes * 1.01) + 64 * 1024
-    return await read_limited(request, limit, "array upload"), meta
+    return await read_body(request, upload_limit(core), "array upload"), meta
 
 
 def flag(payload: dict, name: str, default: bool) -> bool:
@@ -651,13 +631,13 @@ def create_router(core: ServerCore) -> APIRouter:
     @route("POST", "/set_target_buffer")
     async def set_target_buffer(request: Request):
         async with service.using(request) as lease:
-            service.set_target_buffer(lease, await json_body(request))
+            service.set_target_buffer(lease, await read_json(request))
             return {}
 
     @route("POST", "/set_do_autozoom")
     async def set_do_autozoom(request: Request):
         async with service.using(request) as lease:
-            lease.do_autozoom = flag(await json_body(request), "do_autozoom", True)  # kept, not used: no zoom here
+            lease.do_autozoom = flag(await read_json(request), "do_autozoom", True)  # kept, not used: no zoom here
             return {}
 
     @route("POST", "/reset_interactions")
@@ -670,7 +650,7 @@ def create_router(core: ServerCore) -> APIRouter:
     async def add_point(request: Request):
         until = deadline()
         async with service.using(request) as lease:
-            payload = await json_body(request)
+            payload = await read_json(request)
             prompt = point_prompt(payload, service.image_of(lease))
             return await service.add(lease, prompt, False, flag(payload, "run_prediction", True), until)
 
@@ -678,7 +658,7 @@ def create_router(core: ServerCore) -> APIRouter:
     async def add_bbox(request: Request):
         until = deadline()
         async with service.using(request) as lease:
-            payload = await json_body(request)
+            payload = await read_json(request)
             prompt = box_prompt(payload, service.image_of(lease))
             return await service.add(lease, prompt, False, flag(payload, "run_prediction", True), until)
 
@@ -728,7 +708,7 @@ def create_router(core: ServerCore) -> APIRouter:
     async def predict(request: Request):
         until = deadline()
         async with service.using(request) as lease:
-            force = flag(await json_body(request), "force_full_refine", False)
+            force = flag(await read_json(request), "force_full_refine", False)
             return await service.predict(lease, until, force=force)
 
     return router
