@@ -308,6 +308,28 @@ def test_segment_on_the_server_writes_the_same_file_as_in_process(server, sample
     assert here.any() and np.array_equal(here, there)
 
 
+def test_eval_on_the_server_gives_the_in_process_figures(server, sample, tmp_path, capsys):
+    import csv
+
+    import SimpleITK as sitk
+
+    from SAM3DSegmentLib.data.volume_files import image_from_array
+
+    case = tmp_path / "data" / "lesion_case"
+    case.mkdir(parents=True)
+    sitk.WriteImage(image_from_array(sample.volume.array, sample.volume.ijk_to_ras), str(case / "image.nrrd"))
+    sitk.WriteImage(image_from_array(sample.truth.astype(np.uint8), sample.volume.ijk_to_ras), str(case / "label.nrrd"))
+    common = ["eval", "--data", str(tmp_path / "data"), "--engine", "weightfree", "--rounds", "1", "--no-montage"]
+    assert main([*common, "--out", str(tmp_path / "here")]) == 0
+    remote = ["--server", server.url, "--token-file", server.token_file, "--out", str(tmp_path / "there")]
+    assert main([*common, *remote]) == 0, capsys.readouterr().err
+    here, there = ([{k: v for k, v in row.items() if k != "seconds"}
+                    for row in csv.DictReader(open(tmp_path / name / "results.csv", encoding="utf-8"))]
+                   for name in ("here", "there"))
+    assert len(here) == 2 and float(here[0]["dice"]) > 0.5 and here == there
+    assert main([*common, *remote, "--engine-option", "projection=mask"]) == 2  # the server's engine as configured
+
+
 def test_malformed_input_gets_400_with_the_librarys_message(server, sample):
     session = open_remote_session(server.url, sample.volume, 0, token=TOKEN_A)
     base = f"/v1/sessions/{session.session_id}/objects/1"

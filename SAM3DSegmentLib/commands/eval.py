@@ -31,6 +31,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--model", help="registered model name (see `sam3d models list`)")
     parser.add_argument("--checkpoint", help="local checkpoint file")
     parser.add_argument("--adapter", help="an adapter from `sam3d finetune` on top of the model's weights")
+    parser.add_argument("--server", metavar="URL",
+                        help="run the engine on a `sam3d serve` server (the URL it printed) instead of in this process")
+    parser.add_argument("--token-file", metavar="FILE", help="the server's token file (with --server)")
     parser.add_argument("--device", help="cpu, cuda, mps (default: best available)")
     parser.add_argument("--prompt", choices=("click", "box"), default="click")
     parser.add_argument("--box-jitter", type=float, default=0.0,
@@ -108,6 +111,22 @@ def check_arguments(args: argparse.Namespace) -> None:
     if not 0 <= args.box_jitter <= 1:
         raise InputError(f"--box-jitter {args.box_jitter}: give a fraction of the box size from 0 to 1.")
     check_output_folder(args.out, "the results (--out)")
+    if args.server and (args.protocol == "cvpr25" or args.sweep or len(args.engine) > 1 or args.engine[0] in (
+            "oracle", "litemedsam-upstream", "litemedsam-oracle-box") or args.checkpoint or args.adapter
+            or args.engine_option or args.projection):
+        raise InputError("--server runs one engine of the server as it is configured: drop --protocol cvpr25, "
+                         "--sweep, several or baseline engines, --checkpoint, --adapter and engine options, "
+                         "or run without --server.")
+
+
+def remote_session_factory(args: argparse.Namespace):
+    """Opens each target's session on the --server (its engine, unless --engine / --model name one)."""
+    from ..serving.client import open_remote_session
+
+    def open_remote(config, volume, reference):
+        return open_remote_session(args.server, volume, config.axis, token_file=args.token_file,
+                                   engine=None if config.engine == "auto" else config.engine, model=config.model)
+    return open_remote
 
 
 def run(args: argparse.Namespace) -> int:
@@ -149,7 +168,10 @@ def run(args: argparse.Namespace) -> int:
     cases = select_cases(open_dataset(args.data), args.cases)
     if args.sweep:
         return run_sweep(args, config, cases)
-    if len(args.engine) == 1:
+    if args.server:
+        rows = evaluate_dataset(config, cases, args.targets, args.out, montage=not args.no_montage,
+                                session_factory=remote_session_factory(args))
+    elif len(args.engine) == 1:
         rows = evaluate_dataset(config, cases, args.targets, args.out, montage=not args.no_montage)
     else:
         rows = []

@@ -191,8 +191,10 @@ def evaluate_dataset(
     targets: list[str] | None = None,
     out_dir: str | Path | None = None,
     montage: bool = True,
+    session_factory: Callable[[EvaluationConfig, Volume, np.ndarray], Session] = open_evaluation_session,
 ) -> list[EvaluationRow]:
-    """Evaluate every case and target; write the CSV, summary and montages into ``out_dir``."""
+    """Evaluate every case and target; write the CSV, summary and montages into ``out_dir``.
+    ``session_factory`` opens each target's session (e.g. on a ``sam3d serve`` server)."""
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -204,7 +206,7 @@ def evaluate_dataset(
             if not reference.any():
                 log.warning("%s: target %s is empty; skipped", case.name, target)
                 continue
-            target_rows, prediction = evaluate_target(config, case, volume, reference, target)
+            target_rows, prediction = evaluate_target(config, case, volume, reference, target, session_factory)
             rows.extend(target_rows)
             last = target_rows[-1]
             log.info("%s / %s: Dice %.3f  NSD %.3f  HD95 %.1f mm  (%d rounds, %d slices encoded, %.1f s)",
