@@ -429,8 +429,9 @@ def measure_overhead(url: str, token: str, workload: Workload, local_session, re
     figures = OverheadFigures()
     connection = ServerConnection(url, token)
 
-    def remote() -> tuple[float, float, np.ndarray]:
-        session = connection.open_session(distinct_volume(workload.volume, serials.next()), workload.axis)
+    def click_and_propagate(open_session) -> tuple[float, float, np.ndarray]:
+        """(click + propagate seconds, click seconds, mask) on a fresh copy of the volume."""
+        session = open_session(distinct_volume(workload.volume, serials.next()))
         try:
             started = time.perf_counter()
             session.add_prompt(OBJECT_ID, workload.prompt)
@@ -440,16 +441,11 @@ def measure_overhead(url: str, token: str, workload: Workload, local_session, re
         finally:
             session.close()
 
+    def remote() -> tuple[float, float, np.ndarray]:
+        return click_and_propagate(lambda volume: connection.open_session(volume, workload.axis))
+
     def local() -> tuple[float, float, np.ndarray]:
-        session = local_session(distinct_volume(workload.volume, serials.next()))
-        try:
-            started = time.perf_counter()
-            session.add_prompt(OBJECT_ID, workload.prompt)
-            clicked = time.perf_counter()
-            result = session.propagate(OBJECT_ID, workload.options)
-            return time.perf_counter() - started, clicked - started, result.mask
-        finally:
-            session.close()
+        return click_and_propagate(local_session)
 
     remote(), local()  # untimed: first calls in each process (imports, allocator, first forward passes)
     for index in range(repeats):
