@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Literal, Protocol, runtime_checkable
 
 import numpy as np
@@ -25,6 +25,7 @@ from ..data.prompts import Box, Point, SlicePrompt
 from ..data.volume import Volume, get_slice
 from ..errors import InputError
 from .anchors import Run
+from .click_edits import NEIGHBOUR_MAX_GAP, cut_excluded, neighbour_box
 from .postprocess import ComponentChoice, fill_holes_2d, keep_component
 from .session import (
     CancelCheck,
@@ -43,6 +44,8 @@ log = logging.getLogger(__name__)
 
 Projection = Literal["box", "mask", "box+mask", "points", "points+mask", "point"]
 PROJECTIONS: tuple[str, ...] = ("box", "mask", "box+mask", "points", "points+mask", "point")
+ExcludeClicks = Literal["model", "cut"]
+EmptySliceClicks = Literal["as_given", "neighbour_box"]
 
 
 @runtime_checkable
@@ -75,6 +78,10 @@ class SlicewiseOptions:
     - ``fill_holes``: fill holes in every predicted slice (before the stop rule sees it).
     - ``keep_component``: after propagation keep the 3D component touching the anchor slices'
       masks ("prompted"), the largest ("largest"), or everything ("none").
+    - ``exclude_clicks``: "model" (the predictor alone answers an exclude click) or "cut" (the
+      part of the slice's mask around the click is then removed, :func:`click_edits.cut_excluded`).
+    - ``empty_slice_clicks``: "as_given", or "neighbour_box" (include clicks on an empty slice next
+      to the object become the neighbour's box moved to the clicks, :func:`click_edits.neighbour_box`).
     """
 
     projection: Projection = "box"
@@ -85,6 +92,8 @@ class SlicewiseOptions:
     negative_distance: float = 5.0
     fill_holes: bool = False
     keep_component: ComponentChoice = "none"
+    exclude_clicks: ExcludeClicks = "model"
+    empty_slice_clicks: EmptySliceClicks = "as_given"
 
     def __post_init__(self) -> None:
         if self.projection not in PROJECTIONS:
@@ -99,6 +108,10 @@ class SlicewiseOptions:
             raise InputError(
                 f"keep_component must be 'none', 'prompted' or 'largest'; got {self.keep_component!r}."
             )
+        if self.exclude_clicks not in ("model", "cut"):
+            raise InputError(f"exclude_clicks must be 'model' or 'cut'; got {self.exclude_clicks!r}.")
+        if self.empty_slice_clicks not in ("as_given", "neighbour_box"):
+            raise InputError(f"empty_slice_clicks must be 'as_given' or 'neighbour_box'; got {self.empty_slice_clicks!r}.")
 
 
 # --- projection of a mask into the next slice's prompt ------------------------------------------
@@ -209,7 +222,17 @@ class SlicewiseSession(Session):
         return int(self.predictor.slices_encoded)
 
     def _predict_anchor(self, object_id: int, prompt: SlicePrompt) -> SliceMask:
-        return self._cleaned(self.predictor.predict(prompt.index, prompt, previous=None))
+        given = prompt
+        if self.options.empty_slice_clicks == "neighbour_box":
+            state = self._objects.get(object_id)
+            box = neighbour_box(prompt, state.mask if state else None, self.axis, NEIGHBOUR_MAX_GAP)
+            if box is not None:
+                given = replace(prompt, box=box, points=())
+        result = self._cleaned(self.predictor.predict(prompt.index, given, previous=None))
+        if self.options.exclude_clicks == "cut" and any(not p.positive for p in prompt.points):
+            image = get_slice(self.volume.array, self.axis, prompt.index)
+            result = SliceMask(cut_excluded(result.mask, image, prompt), result.score, result.stability, result.extra)
+        return result
 
     def _propagate_runs(
         self,

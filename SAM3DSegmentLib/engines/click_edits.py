@@ -1,0 +1,113 @@
+"""What a click on one slice means beyond what a box-trained model can take from it.
+
+A model trained with boxes only (LiteMedSAM, MedSAM) does not see exclude clicks, and an include
+click on a slice the object was not found on becomes a box of whatever region it lands in. Two
+edits, used by :class:`~SAM3DSegmentLib.engines.slicewise.SlicewiseSession` when its options ask
+(chosen by measurement under the CVPR 2025 protocol, docs/litemedsam.md):
+
+- :func:`cut_excluded`: an exclude click inside the mask removes the part of the mask around it.
+  The click is taken as the centre of a wrong part of radius ``r`` (its distance to the mask's
+  edge); mask pixels further than ``keep_factor * r`` from it along the mask (at most half the
+  mask's reach from it, so a slice is never emptied: the click may sit in a hole the model
+  filled), and the include clicks, are kept as the object; a random walk on the slice's
+  intensities decides the pixels in between.
+- :func:`neighbour_box`: an include click on an empty slice next to slices that hold the object
+  becomes the nearest such slice's box, moved to take in the click (the object continues here),
+  instead of a box of the region the click lands in.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from ..data.prompts import Box, SlicePrompt
+from .box_prompts import bounding_box, updated_box
+
+KEEP_FACTOR = 3.0
+"""Mask pixels further than this many click radii (along the mask) count as the object."""
+NEIGHBOUR_MAX_GAP = 3
+"""An include click on an empty slice at most this many slices from the object continues it."""
+CROP_MARGIN = 4
+RANDOM_WALK_BETA = 130.0
+
+
+def _inside(mask: np.ndarray, row: float, col: float) -> bool:
+    r, c = int(round(row)), int(round(col))
+    return 0 <= r < mask.shape[0] and 0 <= c < mask.shape[1] and bool(mask[r, c])
+
+
+def _geodesic_distance(region: np.ndarray, start: tuple[int, int]) -> np.ndarray:
+    """Distance in pixels from ``start`` along ``region`` (inf outside it or where unreachable)."""
+    from skimage.graph import MCP_Geometric
+
+    costs = np.where(region, 1.0, np.inf)
+    distance, _ = MCP_Geometric(costs).find_costs([start])
+    return np.where(region, distance, np.inf)
+
+
+def _normalised(image: np.ndarray, region: np.ndarray) -> np.ndarray:
+    low, high = np.percentile(image[region], (1, 99)) if region.any() else (image.min(), image.max())
+    if high <= low:
+        return np.zeros(image.shape, dtype=np.float64)
+    return np.clip((image.astype(np.float64) - low) / (high - low), 0.0, 1.0)
+
+
+def cut_excluded(mask: np.ndarray, image: np.ndarray, prompt: SlicePrompt, keep_factor: float = KEEP_FACTOR) -> np.ndarray:
+    """``mask`` without the part around each exclude click of ``prompt`` that lies inside it."""
+    from skimage.segmentation import random_walker
+
+    mask = np.asarray(mask, dtype=bool)
+    excluded = [p for p in prompt.points if not p.positive and _inside(mask, p.row, p.col)]
+    if not excluded:
+        return mask
+    included = [(int(round(p.row)), int(round(p.col))) for p in prompt.points if p.positive and _inside(mask, p.row, p.col)]
+    result = mask.copy()
+    labels, _ = ndimage.label(mask)
+    for click in excluded:
+        r, c = int(round(click.row)), int(round(click.col))
+        if not result[r, c]:
+            continue  # an earlier cut removed it already
+        part = labels == labels[r, c]
+        rows, cols = np.flatnonzero(part.any(axis=1)), np.flatnonzero(part.any(axis=0))
+        r0, r1 = max(0, rows[0] - CROP_MARGIN), min(mask.shape[0], rows[-1] + CROP_MARGIN + 1)
+        c0, c1 = max(0, cols[0] - CROP_MARGIN), min(mask.shape[1], cols[-1] + CROP_MARGIN + 1)
+        region = part[r0:r1, c0:c1] & result[r0:r1, c0:c1]
+        radius = float(ndimage.distance_transform_edt(region)[r - r0, c - c0])
+        along = _geodesic_distance(region, (r - r0, c - c0))
+        reach = along[region].max()
+        keep = region & (along > min(keep_factor * radius, reach / 2))
+        for ir, ic in included:
+            if r0 <= ir < r1 and c0 <= ic < c1 and region[ir - r0, ic - c0]:
+                keep[ir - r0, ic - c0] = True
+        if not keep.any():  # a part of one or two pixels
+            result[r0:r1, c0:c1] &= ~region
+            continue
+        seeds = np.zeros(region.shape, dtype=np.int32)
+        seeds[~region] = 2
+        seeds[region & (along <= max(1.0, min(radius, reach) / 4))] = 2  # well inside the wrong part
+        seeds[keep] = 1
+        data = _normalised(image[r0:r1, c0:c1], region)
+        walked = random_walker(data, seeds, beta=RANDOM_WALK_BETA, mode="bf")
+        result[r0:r1, c0:c1] &= ~(region & (walked == 2))
+    return result
+
+
+def neighbour_box(prompt: SlicePrompt, object_mask: np.ndarray | None, axis: int, max_gap: int) -> Box | None:
+    """The box for include clicks on an empty slice: the nearest slice within ``max_gap`` that
+    holds the object, its box moved to take in the clicks; None when no slice is that near or the
+    prompt is not clicks alone."""
+    if object_mask is None or prompt.box is not None or prompt.mask is not None:
+        return None
+    if not any(p.positive for p in prompt.points):
+        return None
+    other = tuple(a for a in range(3) if a != axis)
+    present = np.flatnonzero(object_mask.any(axis=other))
+    if present.size == 0 or prompt.index in present:
+        return None
+    nearest = int(present[np.argmin(np.abs(present - prompt.index))])
+    if abs(nearest - prompt.index) > max_gap:
+        return None
+    neighbour = np.take(object_mask, nearest, axis=axis)
+    box = bounding_box(neighbour)
+    return updated_box(box, prompt, neighbour.shape) if box is not None else None

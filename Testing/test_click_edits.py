@@ -1,0 +1,143 @@
+"""Exclude clicks that cut the mask, and include clicks on an empty slice next to the object
+(engines/click_edits.py, and their use by the sliding-window session)."""
+
+import numpy as np
+import pytest
+
+from SAM3DSegmentLib.data.prompts import Box, Point, SlicePrompt
+from SAM3DSegmentLib.data.volume import Volume
+from SAM3DSegmentLib.engines.click_edits import cut_excluded, neighbour_box
+from SAM3DSegmentLib.engines.session import PropagationOptions, SliceMask, StopRule
+from SAM3DSegmentLib.engines.slicewise import SlicewiseOptions, SlicewiseSession
+from SAM3DSegmentLib.errors import InputError
+
+ROWS, COLS = np.mgrid[:120, :160]
+OBJECT = (ROWS - 60) ** 2 + (COLS - 50) ** 2 < 30 ** 2
+LEAK = ((ROWS - 60) ** 2 + (COLS - 100) ** 2 < 15 ** 2) | (((ROWS - 60) ** 2 < 25) & (COLS > 60) & (COLS < 100))
+LEAK &= ~OBJECT
+
+
+def slice_image(seed=0):
+    """The object bright, the leak darker, a neck between them: a model's over-segmentation."""
+    noise = np.random.default_rng(seed).normal(0, 5, OBJECT.shape)
+    return np.where(OBJECT, 100.0, 0.0) + np.where(LEAK, 40.0, 0.0) + noise
+
+
+def exclude(row, col, *more):
+    return SlicePrompt(0, 0, points=(Point(row, col, False),) + tuple(more))
+
+
+def test_an_exclude_click_on_a_leak_removes_the_leak_and_keeps_the_object():
+    out = cut_excluded(OBJECT | LEAK, slice_image(), exclude(60, 102))
+    assert (out & OBJECT).sum() >= 0.98 * OBJECT.sum()
+    assert (out & LEAK).sum() <= 0.05 * LEAK.sum()
+
+
+def test_a_click_in_a_filled_hole_removes_the_hole_not_the_slice():
+    hole = (ROWS - 60) ** 2 + (COLS - 50) ** 2 < 10 ** 2  # the object is a ring; the model filled it
+    image = slice_image() - np.where(hole, 100.0, 0.0)
+    out = cut_excluded(OBJECT, image, exclude(60, 50))
+    assert (out & hole).sum() <= 0.1 * hole.sum()
+    assert (out & OBJECT & ~hole).sum() >= 0.95 * (OBJECT & ~hole).sum()
+
+
+def test_a_click_in_a_separate_part_leaves_the_other_parts_alone():
+    blob = (ROWS - 60) ** 2 + (COLS - 130) ** 2 < 12 ** 2
+    out = cut_excluded(OBJECT | blob, slice_image(), exclude(60, 130))
+    assert not out[60, 130]
+    assert np.array_equal(out & OBJECT, OBJECT)
+
+
+def test_an_include_click_in_the_part_keeps_its_pixel():
+    blob = (ROWS - 60) ** 2 + (COLS - 130) ** 2 < 12 ** 2
+    out = cut_excluded(blob, slice_image(), exclude(60, 130, Point(60, 139, True)))
+    assert out[60, 139]
+    assert not out[60, 130]
+
+
+def test_clicks_outside_the_mask_change_nothing():
+    mask = OBJECT | LEAK
+    assert np.array_equal(cut_excluded(mask, slice_image(), exclude(5, 5)), mask)
+    include_only = SlicePrompt(0, 0, points=(Point(60, 102, True),))
+    assert np.array_equal(cut_excluded(mask, slice_image(), include_only), mask)
+
+
+def three_slices_with_object(indices=(4, 5, 6), n=12):
+    mask = np.zeros((n,) + OBJECT.shape, bool)
+    mask[list(indices)] = OBJECT
+    return mask
+
+
+def test_neighbour_box_is_the_nearest_object_slice_box_moved_to_the_click():
+    mask = three_slices_with_object()
+    click = SlicePrompt(0, 8, points=(Point(60, 95, True),))
+    box = neighbour_box(click, mask, axis=0, max_gap=3)
+    assert (box.row0, box.col0, box.row1) == (31.0, 21.0, 89.0)
+    assert box.col1 >= 95  # grown to take in the click
+    assert neighbour_box(SlicePrompt(0, 10, points=(Point(60, 50, True),)), mask, 0, max_gap=3) is None  # too far
+    assert neighbour_box(SlicePrompt(0, 5, points=(Point(60, 50, True),)), mask, 0, max_gap=3) is None  # not empty
+    with_box = SlicePrompt(0, 8, points=(Point(60, 50, True),), box=Box(40, 40, 70, 70))
+    assert neighbour_box(with_box, mask, 0, max_gap=3) is None
+    assert neighbour_box(click, None, 0, max_gap=3) is None
+
+
+class LeakyBoxOnlyPredictor:
+    """A test double (not a model) that behaves like a box-trained model: it ignores clicks'
+    labels, answers a click alone with the whole bright-and-leak region it lands in plus a second
+    organ, a box or mask with the object and leak inside the box."""
+
+    name = "leaky-box-only"
+    slices_encoded = 0
+
+    def __init__(self, object_slices):
+        self.object_slices = set(object_slices)
+
+    def predict(self, index, prompt, previous=None):
+        present = OBJECT | LEAK if index in self.object_slices else np.zeros_like(OBJECT)
+        if prompt.box is None and prompt.mask is None:
+            organ = np.zeros_like(OBJECT)
+            organ[10:110, 10:150] = True  # the organ around the click
+            return SliceMask(organ, 1.0, 1.0)
+        if prompt.box is not None:
+            b = prompt.box
+            inside = np.zeros_like(OBJECT)
+            inside[int(b.row0): int(b.row1) + 1, int(b.col0): int(b.col1) + 1] = True
+            present = present & inside
+        return SliceMask(present, 1.0 if present.any() else 0.0, 1.0)
+
+
+def leaky_session(**options):
+    image = np.stack([slice_image(k) if k in range(3, 9) else np.zeros(OBJECT.shape) for k in range(12)])
+    predictor = LeakyBoxOnlyPredictor(range(3, 9))
+    return SlicewiseSession(Volume(image.astype(np.float32)), 0, predictor, SlicewiseOptions(**options))
+
+
+RULE = PropagationOptions(stop=StopRule(min_area=1, min_score=0.5, min_stability=None, min_overlap=None,
+                                        min_likeness=None, patience=1))
+
+
+def test_exclude_clicks_cut_the_slice_only_when_the_session_is_set_to():
+    for setting, leak_left in (("model", True), ("cut", False)):
+        session = leaky_session(exclude_clicks=setting)
+        session.add_prompt(1, SlicePrompt(0, 5, box=Box(25, 15, 95, 120)))
+        session.propagate(1, RULE)
+        preview = session.add_prompt(1, SlicePrompt(0, 6, points=(Point(60, 102, False),)))
+        assert bool((preview.mask & LEAK).sum() > 0.5 * LEAK.sum()) == leak_left, setting
+        assert (preview.mask & OBJECT).sum() >= 0.98 * OBJECT.sum()
+
+
+def test_an_include_click_next_to_the_object_continues_it_instead_of_taking_the_organ():
+    for setting, organ_taken in (("as_given", True), ("neighbour_box", False)):
+        session = leaky_session(empty_slice_clicks=setting)
+        session.add_prompt(1, SlicePrompt(0, 5, box=Box(25, 15, 95, 120)))
+        session.propagate(1, PropagationOptions(stop=RULE.stop, slice_range=(4, 7)))
+        preview = session.add_prompt(1, SlicePrompt(0, 8, points=(Point(60, 50, True),)))
+        assert bool(preview.mask[15, 140]) == organ_taken, setting
+        assert preview.mask[60, 50]
+
+
+def test_the_options_are_checked():
+    with pytest.raises(InputError, match="exclude_clicks"):
+        SlicewiseOptions(exclude_clicks="erase")
+    with pytest.raises(InputError, match="empty_slice_clicks"):
+        SlicewiseOptions(empty_slice_clicks="box")
