@@ -1,9 +1,10 @@
 """SAM 3D: promptable 3D segmentation with Segment Anything models in 3D Slicer.
 
-The module panel keeps the settings (engine, model, device, propagation options) in a parameter
-node, downloads models, and installs dependencies on request. Segmenting happens in the Segment
-Editor with the "SAM 3D" effect (SegmentEditorSAM3DLib), registered when Slicer starts. All work
-below the Qt layer is in SAM3DSegmentSlicerLogic (no Qt) and the SAM3DSegmentLib library.
+The module panel keeps the settings (engine, model, device, propagation options, server, adapter
+file) in a parameter node, downloads models, and installs dependencies on request. Segmenting
+happens in the Segment Editor with the "SAM 3D" effect (SegmentEditorSAM3DLib), registered when
+Slicer starts. All work below the Qt layer is in SAM3DSegmentSlicerLogic (no Qt) and the
+SAM3DSegmentLib library.
 """
 
 import logging
@@ -36,6 +37,14 @@ from SAM3DSegmentSlicerLogic.settings import (  # noqa: E402
 )
 
 ENGINE_NAMES = ("auto", "weightfree", "slicewise", "sam2")
+ADAPTER_TOOLTIP = (
+    "Optional: an adapter file from fine-tuning, loaded by the local server on top of the model's weights. "
+    "It must be made for the chosen model and checkpoint. Changing it restarts the local server at the next action."
+)
+REMOTE_ADAPTER_TOOLTIP = (
+    "With a server URL, the adapter is the server's own setting (chosen when it was started); "
+    "the line below shows the adapter the server reports."
+)
 PROJECTION_NAMES = ("box", "mask", "box+mask", "points", "points+mask", "point")
 EFFECT_NAME = "SAM 3D"
 
@@ -128,6 +137,9 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.serverUrlLineEdit.connect("editingFinished()", self.updateParameterNodeFromGUI)
         self.ui.serverTokenFileLineEdit.connect("currentPathChanged(QString)", self.updateParameterNodeFromGUI)
         self.ui.serverTokenFileLineEdit.filters = ctk.ctkPathLineEdit.Files | ctk.ctkPathLineEdit.Readable
+        self.ui.adapterPathLineEdit.filters = ctk.ctkPathLineEdit.Files | ctk.ctkPathLineEdit.Readable
+        self.ui.adapterPathLineEdit.nameFilters = ["Adapters (*.pt *.pth)", "All files (*)"]
+        self.ui.adapterPathLineEdit.connect("currentPathChanged(QString)", self.updateParameterNodeFromGUI)
         self.ui.stopServerButton.connect("clicked(bool)", self.onStopServer)
         self.ui.downloadButton.connect("clicked(bool)", self.onDownload)
         self.ui.installButton.connect("clicked(bool)", self.onInstall)
@@ -146,6 +158,7 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._download.terminate()
 
     def enter(self):
+        self.logic.forgetServerAdapter()  # ask a remote server again
         self.initializeParameterNode()
 
     def onSceneEndClose(self, caller, event):
@@ -184,6 +197,11 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.excludeOtherSegmentsCheckBox.checked = settings.exclude_other_segments
             self.ui.serverUrlLineEdit.text = settings.server_url
             self.ui.serverTokenFileLineEdit.currentPath = settings.server_token_file
+            self.ui.adapterPathLineEdit.currentPath = settings.adapter
+            remote = settings.uses_remote_server
+            self.ui.adapterPathLineEdit.enabled = not remote
+            self.ui.adapterPathLineEdit.toolTip = REMOTE_ADAPTER_TOOLTIP if remote else ADAPTER_TOOLTIP
+            self.ui.adapterStateLabel.text = self.logic.adapterState(settings)
             self.ui.modelStateLabel.text = self.logic.modelState(settings)
         finally:
             self._updatingGUI = False
@@ -206,6 +224,7 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             exclude_other_segments=self.ui.excludeOtherSegmentsCheckBox.checked,
             server_url=self.ui.serverUrlLineEdit.text.strip(),
             server_token_file=self.ui.serverTokenFileLineEdit.currentPath,
+            adapter=self.ui.adapterPathLineEdit.currentPath,
         )
         save_settings(settings, self._parameterNode)
         self.updateDependencyState()
@@ -326,9 +345,26 @@ class SAM3DSegmentLogic(ScriptedLoadableModuleLogic):
 
     def __init__(self):
         ScriptedLoadableModuleLogic.__init__(self)
+        self._serverAdapters = {}  # (url, token file) -> what that server reported
 
     def settings(self) -> PanelSettings:
         return load_settings(self.getParameterNode())
+
+    def adapterState(self, settings: PanelSettings) -> str:
+        """The adapter line: the local file, or the remote server's adapter (asked once per URL and
+        token file, with a short timeout)."""
+        from SAM3DSegmentSlicerLogic.server_process import adapter_state
+
+        if not settings.uses_remote_server:
+            return adapter_state(settings)
+        key = (settings.server_url.strip(), settings.server_token_file.strip())
+        if key not in self._serverAdapters:
+            with slicer.util.WaitCursor():
+                self._serverAdapters[key] = adapter_state(settings)
+        return self._serverAdapters[key]
+
+    def forgetServerAdapter(self):
+        self._serverAdapters.clear()
 
     def modelChoices(self):
         from SAM3DSegmentLib.models.registry import REGISTRY

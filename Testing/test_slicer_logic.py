@@ -660,6 +660,14 @@ def test_error_messages_give_advice():
     ("The server at http://h:1 refused the token (bad). Check --token-file.", "--token-file"),
     ("The volume has 2000.0 MB of voxels; this server accepts at most 1024 MB (sam3d serve --max-volume-mb).", "sam3d serve"),
     ("The SAM3D server at http://h:1 did not answer (x). Is `sam3d serve` running there? Nothing was changed or written.", "sam3d serve"),
+    ("Adapter file /x/a.pt does not exist. Give the file `sam3d finetune` wrote.", "sam3d finetune"),
+    ("/x/a.pt is not a SAM3DSegment adapter (no 'sam3d-adapter-1' format tag). Pass a base checkpoint with "
+     "--checkpoint, an adapter from `sam3d finetune` with --adapter.", "--adapter"),
+    ("Adapter /x/a.pt was trained on 'medsam_vit_b' (sam), not on 'litemedsam': use --model medsam_vit_b or an "
+     "adapter made for litemedsam.", "--model"),
+    ("Adapter /x/a.pt was trained on the litemedsam checkpoint with sha256 0000..., but the base checkpoint here "
+     "has abcd...: fine-tune again on this checkpoint, or pass the original with --checkpoint.", "--checkpoint"),
+    ("An adapter goes on a model: give --model (e.g. litemedsam) with --adapter.", "--adapter"),
 ])
 def test_messages_in_slicer_advise_the_panel_not_the_command_line(library_message, cli_words):
     from SAM3DSegmentLib.errors import CheckpointError, InputError, ServerError
@@ -668,6 +676,31 @@ def test_messages_in_slicer_advise_the_panel_not_the_command_line(library_messag
         text = user_message(kind(library_message))
         assert cli_words not in text and "--" not in text, text
         assert "SAM 3D Segment module" in text or "Crop Volume" in text, text
+
+
+@pytest.mark.parametrize("library_message", [
+    "Adapter file /x/a.pt does not exist. Give the file `sam3d finetune` wrote.",
+    "Adapter file /x/a.pt cannot be read (EOFError); write it again with `sam3d finetune`.",
+    "Adapter /x/a.pt was trained on 'medsam_vit_b' (sam), not on 'litemedsam': use --model medsam_vit_b or an "
+    "adapter made for litemedsam.",
+    "An adapter goes on a model: give --model (e.g. litemedsam) with --adapter.",
+])
+def test_adapter_errors_name_the_panels_adapter_file_field(library_message):
+    from SAM3DSegmentLib.errors import CheckpointError, ServerError
+
+    for error in (CheckpointError(library_message),
+                  ServerError(f"The SAM 3D server could not start (exit code 2): {library_message} The segment was "
+                              "not changed; the next action starts it again. Its log: /tmp/server.log")):
+        text = user_message(error)
+        assert "the Adapter file (Server section of the SAM 3D Segment module)" in text, text
+        assert "--" not in text and "Download model" not in text and "Install dependencies" not in text, text
+
+
+def test_the_adapter_file_is_kept_in_the_parameter_node(scene):
+    node = scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode")
+    assert PanelSettings().adapter == ""
+    save_settings(PanelSettings(model="litemedsam", adapter="/data/liver_adapter.pt"), node)
+    assert load_settings(node).adapter == "/data/liver_adapter.pt"
 
 
 def test_slices_edited_while_propagating_are_not_overwritten(case):

@@ -123,6 +123,33 @@ def test_the_server_command_and_its_ready_lines():
     assert not ServerSpec.from_settings(PanelSettings(server_token_file="/t")).remote
 
 
+def test_the_adapter_file_goes_to_the_local_servers_command_only_when_set():
+    plain = serve_command(ServerSpec(engine="slicewise", model="litemedsam"), python="/x/PythonSlicer")
+    assert "--adapter" not in plain
+    spec = ServerSpec.from_settings(PanelSettings(engine="slicewise", model="litemedsam", adapter=" /a/liver.pt "))
+    command = serve_command(spec, python="/x/PythonSlicer")
+    assert command[command.index("--adapter") + 1] == "/a/liver.pt" and command.count("--adapter") == 1
+    assert remote_session_factory(None, spec).reason == "slicewise / litemedsam + adapter liver.pt on local server"
+    remote = ServerSpec.from_settings(PanelSettings(adapter="/a/liver.pt", server_url="http://gpu:8765", server_token_file="/t"))
+    assert remote.adapter == "" and "--adapter" not in serve_command(remote)  # the server's own setting
+
+
+def test_changing_the_adapter_file_restarts_the_local_server_at_the_next_action(tmp_path):
+    from dataclasses import replace
+
+    link = ServerLink(python=sys.executable, env=server_env(tmp_path), cwd=str(ROOT))
+    try:
+        assert link.connection(WEIGHTFREE) is None  # starting
+        first = link.local
+        assert "--adapter" not in first.command
+        with_adapter = replace(WEIGHTFREE, engine="slicewise", adapter=str(tmp_path / "liver.pt"))
+        assert link.connection(with_adapter) is None  # the next action: a new server with the adapter
+        assert first.process.poll() is not None and link.local is not first
+        assert link.local.command[link.local.command.index("--adapter") + 1] == str(tmp_path / "liver.pt")
+    finally:
+        link.stop()
+
+
 def test_starting_a_local_server_never_blocks_the_caller(tmp_path):
     link = ServerLink(python=sys.executable, env=server_env(tmp_path), cwd=str(ROOT))
     try:

@@ -1,7 +1,8 @@
 """Short messages for errors, shown to the user instead of tracebacks.
 
-The library's messages advise command-line options (``--checkpoint FILE``, ``sam3d models
-download``); in Slicer the same advice names the SAM 3D module's panel instead.
+The library's messages advise command-line options (``--checkpoint FILE``, ``--adapter FILE``,
+``sam3d models download``); in Slicer the same advice names the SAM 3D module's panel and its
+fields ("Checkpoint file", "Adapter file") instead.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from SAM3DSegmentLib.errors import (
 )
 
 MODULE = "the SAM 3D Segment module"
+ADAPTER_FIELD = f"the Adapter file (Server section of {MODULE})"
 OUT_OF_MEMORY_ADVICE = (
     "The model ran out of memory. Try: the CPU device, a smaller model (SAM 2.1 tiny, MedSAM2), "
     "a slice range around the object, or cropping the volume (Crop Volume module)."
@@ -27,6 +29,17 @@ SERVER_STOPPED_ADVICE = "The segment was not changed; the next action starts the
 
 # (pattern in a library message, what to say in Slicer instead); applied in order.
 PANEL_ADVICE: tuple[tuple[str, str], ...] = (
+    # adapter files (models/adapters.py, engines/choice.py): before the general --model / --checkpoint advice
+    (r"Give the file `sam3d finetune` wrote\.", f"Choose the file the fine-tuning wrote as {ADAPTER_FIELD}."),
+    (r"write it again with `sam3d finetune`", f"fine-tune again and choose the new file as {ADAPTER_FIELD}"),
+    (r"Pass a base checkpoint with --checkpoint, an adapter from `sam3d finetune` with --adapter\.",
+     f"Choose a base checkpoint as the Checkpoint file and an adapter from fine-tuning as {ADAPTER_FIELD}."),
+    (r"use --model ([\w.\-]+) or an adapter made for ([\w.\-]+?)\.",
+     rf"choose the model \1 in {MODULE}, or an adapter made for \2 as {ADAPTER_FIELD}."),
+    (r"pass the original with --checkpoint", f"choose the original as the Checkpoint file in {MODULE}"),
+    (r"give --model \(e\.g\. ([\w.\-]+)\) with --adapter",
+     rf"choose a model (e.g. \1) in {MODULE}, or clear {ADAPTER_FIELD}"),
+    (r"--adapter( FILE)?", ADAPTER_FIELD),
     (r"`?sam3d models download [\w.\-]+`?", f"press 'Download model' in {MODULE}"),
     (r"`?sam3d models list`?", f"the model list in {MODULE}"),
     (r"(pass|add|give|check the path given with) (a valid (checkpoint )?file with )?--checkpoint( FILE)?",
@@ -51,6 +64,11 @@ def panel_advice(text: str) -> str:
     return text
 
 
+def is_about_the_adapter(text: str) -> bool:
+    """Whether a message is about the adapter file (then the model download advice does not fit)."""
+    return bool(re.search(r"\b[Aa]dapter\b", text.replace("3DSAM-adapter", "")))
+
+
 def user_message(error: BaseException) -> str:
     """What to tell the user about ``error`` (the library's errors already carry advice)."""
     if isinstance(error, PropagationCancelled):
@@ -64,13 +82,15 @@ def user_message(error: BaseException) -> str:
     if isinstance(error, ImportError):
         return f"A required package is missing ({error}). Open {MODULE} and press 'Install dependencies'."
     if isinstance(error, (CheckpointError, DownloadError)):
+        if is_about_the_adapter(str(error)):
+            return panel_advice(str(error))
         return (f"{panel_advice(str(error))}\nPress 'Download model' in {MODULE}, "
                 "or choose a local checkpoint file there.")
     if isinstance(error, ServerError):
         text = panel_advice(str(error))
         if "not changed" not in text:
             text += " " + SERVER_STOPPED_ADVICE
-        if "Install dependencies" not in text:
+        if "Install dependencies" not in text and not is_about_the_adapter(str(error)):
             text += f" If this repeats, open {MODULE} and press 'Install dependencies'."
         return text
     if isinstance(error, SAM3DError):

@@ -6,6 +6,8 @@ idles, so a worker thread there starves). On first use :class:`ServerLink` start
 in the module panel. Starting never blocks: :meth:`ServerLink.connection` answers ``None`` while
 the server loads its model, and the caller asks again from a timer. The server's stdout goes to a
 file that is read on each poll, so no pipe read can block the main thread (on any platform).
+The panel's adapter file goes to the local server (``--adapter``); a remote server's adapter is its
+own setting, which the panel shows from the server's info (:func:`server_adapter_text`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from SAM3DSegmentLib.errors import InputError, ServerError
+from SAM3DSegmentLib.errors import InputError, SAM3DError, ServerError
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +33,7 @@ START_TIMEOUT_S = 600.0
 
 @dataclass(frozen=True)
 class ServerSpec:
-    """Which server the panel's settings ask for: a local one with this engine, or a URL."""
+    """Which server the panel's settings ask for: a local one with this engine (and adapter), or a URL."""
 
     engine: str = "auto"
     model: str = ""
@@ -39,6 +41,7 @@ class ServerSpec:
     device: str = "auto"
     url: str = ""
     token_file: str = ""
+    adapter: str = ""
 
     @classmethod
     def from_settings(cls, settings) -> "ServerSpec":
@@ -46,6 +49,7 @@ class ServerSpec:
         return cls(
             engine=settings.engine, model=settings.model, checkpoint=settings.checkpoint, device=settings.device,
             url=settings.server_url.strip() if remote else "", token_file=settings.server_token_file.strip() if remote else "",
+            adapter="" if remote else settings.adapter.strip(),
         )
 
     @property
@@ -70,7 +74,54 @@ def serve_command(spec: ServerSpec, python: str | None = None) -> list[str]:
         command += ["--model", spec.model]
     if spec.checkpoint:
         command += ["--checkpoint", spec.checkpoint]
+    if spec.adapter:
+        command += ["--adapter", spec.adapter]
     return command
+
+
+def adapter_text(info: dict) -> str:
+    """What the panel says about the adapter a server reports in its info (``GET /v1/info``)."""
+    adapter = info.get("adapter")
+    if not adapter:
+        return "none (the server's model runs with its base weights)"
+    return f"{adapter.get('file')} (fine-tuned on {adapter.get('base_model')})"
+
+
+def server_adapter_text(spec: ServerSpec, timeout: float = 3.0) -> str:
+    """The adapter a remote server reports, asked with a short timeout (the panel asks when the
+    URL or token file changes); raises the library's error when the server cannot be asked."""
+    from SAM3DSegmentLib.serving.client import ServerConnection, read_token
+
+    return adapter_text(ServerConnection(spec.url, read_token(spec.token_file), timeout=timeout).info())
+
+
+def adapter_state(settings, ask=server_adapter_text) -> str:
+    """The panel's line about the adapter: the local server's file, or what the remote server reports
+    (``ask(spec)``; its errors become a short reason)."""
+    from .messages import panel_advice
+
+    if settings.uses_remote_server:
+        spec = ServerSpec.from_settings(settings)
+        if not spec.token_file:
+            return "Server's adapter: unknown (choose the server's token file)."
+        try:
+            return f"Server's adapter: {ask(spec)}"
+        except (SAM3DError, OSError) as error:
+            return f"Server's adapter: unknown ({panel_advice(str(error))})"
+    if not settings.adapter.strip():
+        return "Adapter: none (the model's base weights)."
+    path = Path(settings.adapter.strip()).expanduser()
+    found = "found" if path.is_file() else "NOT FOUND"
+    return f"Adapter {found}: {path} (the local server loads it on top of the model)."
+
+
+def error_line(log_text: str) -> str:
+    """The message of the last ``sam3d serve: error: ...`` line of a server's log ("" if none)."""
+    for line in reversed(log_text.splitlines()):
+        _, found, message = line.partition(": error: ")
+        if found and message.strip():
+            return message.strip()
+    return ""
 
 
 def read_ready_lines(text: str) -> tuple[str, str] | None:
@@ -157,6 +208,12 @@ class LocalServer:
     def _ended(self, what: str) -> ServerError:
         code = self.process.poll()
         tail = self.log_tail()
+        cause = error_line(tail)
+        if cause:  # the server said why (a setting the user can fix): say that first
+            return ServerError(
+                f"The SAM 3D server {what} (exit code {code}): {cause} The segment was not changed; the next "
+                f"action starts it again. Its log: {self.log_path}"
+            )
         return ServerError(
             f"The SAM 3D server {what} (exit code {code}). The segment was not changed; the next action starts "
             f"it again. If this repeats, open the SAM 3D module and press 'Install dependencies', or choose "
@@ -183,7 +240,8 @@ class ServerLink:
     """The server the Slicer logic uses: started on first use, restarted after it died.
 
     :meth:`connection` never blocks on a starting server: it answers ``None`` until the server is
-    ready (ask again from a timer). A local server is restarted when the engine settings change.
+    ready (ask again from a timer). A local server is restarted when its settings (engine, model,
+    checkpoint, device, adapter file) change.
     """
 
     def __init__(self, python: str | None = None, env: dict | None = None, cwd: str | None = None,

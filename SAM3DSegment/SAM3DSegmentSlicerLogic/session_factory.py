@@ -4,6 +4,7 @@ in process only for scripts and benchmarks outside Slicer."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from SAM3DSegmentLib.data.volume import Volume
 
@@ -16,8 +17,9 @@ log = logging.getLogger(__name__)
 def remote_session_factory(connection, spec: ServerSpec) -> SessionFactory:
     """A factory opening sessions on ``connection`` (a ``ServerConnection``).
 
-    A local server was started with the settings' engine and model, so its sessions use its
-    defaults; sessions on a remote server ask for the settings' engine and model by name.
+    A local server was started with the settings' engine, model and adapter, so its sessions use its
+    defaults; sessions on a remote server ask for the settings' engine and model by name (and get
+    the server's adapter when they name the server's model).
     """
 
     def open_for(volume: Volume, axis: int):
@@ -27,7 +29,9 @@ def remote_session_factory(connection, spec: ServerSpec) -> SessionFactory:
         return connection.open_session(volume, axis)
 
     where = spec.url if spec.remote else "local server"
-    open_for.reason = f"{spec.engine}{' / ' + spec.model if spec.model else ''} on {where}"  # type: ignore[attr-defined]
+    model = f" / {spec.model}" if spec.model else ""
+    adapter = f" + adapter {Path(spec.adapter).name}" if spec.adapter else ""
+    open_for.reason = f"{spec.engine}{model}{adapter} on {where}"  # type: ignore[attr-defined]
     return open_for
 
 
@@ -37,7 +41,8 @@ def session_factory_for(settings) -> SessionFactory:
     Slicer the model runs in the server process (:func:`remote_session_factory`)."""
     from SAM3DSegmentLib.engines.choice import choose_engine, open_session
 
-    choice = choose_engine(settings.engine, settings.model or None, settings.checkpoint or None)
+    choice = choose_engine(settings.engine, settings.model or None, settings.checkpoint or None,
+                           settings.adapter or None)
     log.info("SAM 3D engine (in process): %s (%s)", choice.engine, choice.reason)
     device = None if settings.device == "auto" else settings.device
     options = settings.engine_options() if choice.engine != "sam2" else {}

@@ -16,8 +16,9 @@ PREFIX = "SAM3D."
 @dataclass
 class PanelSettings:
     """Engine, model, device, propagation options (-1 in a slice limit means "volume edge"), and the
-    server: empty ``server_url`` starts a local ``sam3d serve``; otherwise the URL of a running server
-    and the file holding its token (the token itself is never stored in the scene)."""
+    server: empty ``server_url`` starts a local ``sam3d serve`` (with ``adapter``, a fine-tuned adapter
+    file, when set); otherwise the URL of a running server and the file holding its token (the token
+    itself is never stored in the scene; a remote server's adapter is its own setting)."""
 
     engine: str = "auto"
     model: str = ""
@@ -33,6 +34,7 @@ class PanelSettings:
     exclude_other_segments: bool = True
     server_url: str = ""
     server_token_file: str = ""
+    adapter: str = ""
 
     def propagation_options(self, n_slices: int) -> PropagationOptions:
         """The library's options; slice limits of -1 mean the volume's first / last slice."""

@@ -184,7 +184,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.excludeOtherSegmentsCheckBox.checked = settings.exclude_other_segments
         self.excludeOtherSegmentsCheckBox.blockSignals(blocked)
         where = f" on {settings.server_url}" if settings.uses_remote_server else ""
-        self.engineLabel.text = f"{settings.engine}" + (f" / {settings.model}" if settings.model else "") + where
+        adapter = f" + adapter {os.path.basename(settings.adapter)}" if settings.adapter and not where else ""
+        self.engineLabel.text = f"{settings.engine}" + (f" / {settings.model}" if settings.model else "") + adapter + where
         self.updateButtons()
 
     def updateMRMLFromGUI(self, *unused):

@@ -3,7 +3,9 @@
 Listens on 127.0.0.1 unless ``--host`` says otherwise. Once the model is loaded it prints two
 machine-readable lines on stdout, ``SAM3D_TOKEN_FILE=<path>`` and ``SAM3D_SERVER_URL=<url>``
 (with ``--port 0`` the URL names the free port it bound). Without ``--token-file`` a random
-token is written to a new file only the user can read. See docs/server.md.
+token is written to a new file only the user can read. With ``--adapter`` every session of the
+server's model gets the adapter; the file is checked against the model before the server binds its
+port, and ``/v1/info`` names it. Clients cannot name adapter files. See docs/server.md.
 """
 
 from __future__ import annotations
@@ -52,6 +54,9 @@ def add_parser(subparsers) -> None:
                         help="default engine of the sessions (as for `sam3d segment`)")
     parser.add_argument("--model", help="registry model name (see `sam3d models list`)")
     parser.add_argument("--checkpoint", metavar="FILE", help="local checkpoint file instead of the cache")
+    parser.add_argument("--adapter", metavar="FILE",
+                        help="an adapter from `sam3d finetune`, loaded on top of the model's weights for every "
+                             "session of that model (checked at start; clients cannot name adapter files)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     parser.set_defaults(run=run)
 
@@ -108,7 +113,7 @@ def run(args) -> int:
     for name in ("max_sessions", "max_volume_mb", "idle_timeout", "lease", "cache_mb", "nninteractive_budget"):
         if getattr(args, name) <= 0:
             raise InputError(f"--{name.replace('_', '-')} must be positive; got {getattr(args, name)}.")
-    choice = choose_engine(args.engine, args.model, args.checkpoint)
+    choice = choose_engine(args.engine, args.model, args.checkpoint, args.adapter)
     log.info("engine: %s (%s)", choice.engine, choice.reason)
     max_volume = int(args.max_volume_mb * MB)
     limits = ServerLimits(
@@ -116,14 +121,15 @@ def run(args) -> int:
         lease_s=args.lease, cache_bytes=int(args.cache_mb * MB), volume_budget_bytes=max(4 * max_volume, 4096 * MB),
         prediction_budget_s=args.nninteractive_budget,
     )
+    core = ServerCore(choice, limits, device=None if args.device == "auto" else args.device)  # reads the adapter
     tokens, token_path, private_folder = server_tokens(args.token_file)
-    core = ServerCore(choice, limits, device=None if args.device == "auto" else args.device)
     app = create_app(core, tokens)
-    sock = bind(args.host, args.port)
+    sock = None
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, stopped)  # uvicorn stops on SIGTERM, then raises it again
     try:
-        core.start()  # loads the model first: the URL line means "ready"
+        core.start()  # loads the model (and checks the adapter) before listening: the URL line means "ready"
+        sock = bind(args.host, args.port)
         if not ipaddress.ip_address(sock.getsockname()[0]).is_loopback:
             log.warning("listening beyond this machine on %s; clients need the token in %s", args.host, token_path)
         print(f"SAM3D_TOKEN_FILE={token_path}", flush=True)
@@ -132,7 +138,8 @@ def run(args) -> int:
         server.run(sockets=[sock])
     finally:
         core.stop()
-        sock.close()
+        if sock is not None:
+            sock.close()
         if private_folder is not None:
             shutil.rmtree(private_folder, ignore_errors=True)
     return 0

@@ -555,7 +555,7 @@ def flag(payload: dict, name: str, default: bool) -> bool:
 
 
 def capabilities(core: ServerCore) -> dict:
-    """What this server does, in the keys the client reads (and ours: engine, model, undo depth)."""
+    """What this server does, in the keys the client reads (and ours: engine, model, adapter, undo depth)."""
     spec = core.choice.spec
     return {
         "supported_interactions": {"points": True, "bbox2d": True, "bbox3d": False, "lasso": True, "scribble": True},
@@ -572,6 +572,7 @@ def capabilities(core: ServerCore) -> dict:
         "patch_size": None,
         "engine": core.choice.engine,
         "model": None if spec is None else spec.name,
+        "adapter": core.adapter,
         "undo_depth": UNDO_DEPTH,
     }
 

@@ -7,6 +7,9 @@
   when they hold more than ``ServerLimits.volume_budget_bytes``.
 - **Models and work.** One :class:`ModelHost` builds each model once for all sessions; every
   call touching a session, a model or a feature cache runs on the :class:`ModelWorker` thread.
+- **Adapter.** A server started with an adapter (``sam3d serve --adapter FILE``) loads it on top
+  of its own model; every session of that engine and model gets it (sessions of other models do
+  not). Clients never name adapter files: the server reads no path a client sends.
 - **Feature caches** of all sessions draw on one :class:`CachePool` budget. A session's cache is
   kept under (owner, volume, axis, engine, model, window, device): a session opened on the same
   volume again, while another is open or after it closed, reuses the encoded slices. (The
@@ -23,6 +26,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import threading
 import time
@@ -93,6 +97,7 @@ class HostedSession:
     job: Job | None = None
     last_seen: float = field(default_factory=time.monotonic)
     slot: str | None = None  # the capacity slot it uses (see ServerCore.hold_slot); None: its own
+    adapter: str | None = None  # the file name of the adapter on its model, if any
 
     def expires_after(self, limits: ServerLimits) -> float:
         waiting = self.job is not None and (not self.job.status.finished or not self.job.fetched)
@@ -115,14 +120,16 @@ class ModelHost:
 
     def model(self, choice: EngineChoice):
         """The model of ``choice``, built on first use (worker thread)."""
-        key = (choice.engine, choice.spec.name, str(choice.checkpoint_path))
+        key = (choice.engine, choice.spec.name, str(choice.checkpoint_path), str(choice.adapter))
         if key not in self._models:
             from ..models.builders import build_model
             from ..models.devices import select_device
 
-            log.info("loading %s (%s) on %s", choice.spec.name, choice.checkpoint_path, self.device or "auto")
+            log.info("loading %s (%s%s) on %s", choice.spec.name, choice.checkpoint_path,
+                     f", adapter {choice.adapter}" if choice.adapter else "", self.device or "auto")
             self._models[key] = build_model(
-                choice.spec, choice.checkpoint_path, select_device(self.device), video=choice.engine == "sam2"
+                choice.spec, choice.checkpoint_path, select_device(self.device), video=choice.engine == "sam2",
+                adapter=choice.adapter,
             )
         return self._models[key]
 
@@ -143,6 +150,23 @@ class ModelHost:
                            device=select_device(self.device))
 
 
+def adapter_summary(choice: EngineChoice) -> dict | None:
+    """What the server tells clients about its adapter (None without one): the file name, never its
+    folder, and what its metadata say it was trained on. CheckpointError when the file is missing or
+    not an adapter; :meth:`ServerCore.start` checks that it fits the model."""
+    if choice.adapter is None:
+        return None
+    from ..models.adapters import read_adapter
+
+    metadata, _ = read_adapter(choice.adapter)
+    summary = {"file": choice.adapter.name, "base_model": metadata.get("base_model"),
+               "family": metadata.get("family"), "base_sha256": metadata.get("base_sha256")}
+    dice = metadata.get("validation_dice")
+    if isinstance(dice, (int, float)) and not isinstance(dice, bool) and math.isfinite(dice):
+        summary["validation_dice"] = float(dice)
+    return summary
+
+
 def _cache_holder(session) -> Any:
     """The object whose ``cache`` attribute is the session's feature cache, or None."""
     for holder in (getattr(session, "predictor", None), session):
@@ -156,6 +180,8 @@ class ServerCore:
 
     def __init__(self, choice: EngineChoice, limits: ServerLimits = ServerLimits(), device: str | None = None):
         self.choice = choice
+        self.adapter = adapter_summary(choice)
+        """The server's adapter as :meth:`info` reports it (None: the base weights)."""
         self.limits = limits
         self.device = device
         self.models = ModelHost(device)
@@ -174,7 +200,8 @@ class ServerCore:
     # --- life cycle ------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Load the default model (so the server is ready when it says so) and start freeing idle sessions."""
+        """Load the default model (so the server is ready when it says so; an adapter that does not fit
+        it raises CheckpointError here) and start freeing idle sessions."""
         if self.choice.engine != "weightfree":
             self.worker.submit("server", lambda: self.models.model(self.choice)).result()
         self._sweeper.start()
@@ -200,6 +227,7 @@ class ServerCore:
             "protocol": protocol.PROTOCOL_VERSION,
             "engine": self.choice.engine,
             "model": None if spec is None else spec.name,
+            "adapter": self.adapter,
             "device": self.device or "auto",
             "sessions_open": len(mine),
             "jobs_running": running,
@@ -265,6 +293,11 @@ class ServerCore:
     def open_session(self, owner: str, request: dict, slot: str | None = None) -> Future:
         """Open a session on an uploaded volume; the future gives :meth:`session_info`.
         ``slot``: a slot held with :meth:`hold_slot` that the session uses instead of its own."""
+        named = sorted({"adapter", "checkpoint"} & set(request))
+        if named:
+            raise InputError(f"A session cannot name files ({', '.join(named)}): the checkpoint and adapter are "
+                             "the server's own settings (sam3d serve --checkpoint / --adapter); GET /v1/info "
+                             "reports the adapter.")
         sha = request.get("volume")
         if not isinstance(sha, str):
             raise InputError("Opening a session needs 'volume': the sha256 of an uploaded volume.")
@@ -282,10 +315,11 @@ class ServerCore:
                 raise Refused(503, f"The server has {self.limits.max_sessions} sessions open, its limit "
                                    "(sam3d serve --max-sessions); close one or try again later.")
             stored.last_used = time.monotonic()
-            hosted = HostedSession(session_id, owner, sha, axis, slot=slot)
+            hosted = HostedSession(session_id, owner, sha, axis, slot=slot,
+                                   adapter=None if choice.adapter is None else choice.adapter.name)
             self._sessions[session_id] = hosted  # holds the place while the worker opens it
         cache_key = (owner, sha, axis, choice.engine, choice.spec and choice.spec.name,
-                     str(choice.checkpoint_path), repr(window), self.device)
+                     str(choice.checkpoint_path), str(choice.adapter), repr(window), self.device)
 
         def run() -> dict:
             session = self.models.open(choice, stored.volume, axis, window)
@@ -301,9 +335,17 @@ class ServerCore:
         return future
 
     def _choice(self, engine: str | None, model: str | None) -> EngineChoice:
+        """The server's own choice (its checkpoint and adapter) when the request names nothing else or
+        the server's engine and model; otherwise that engine and model from the server's cache, without
+        the adapter (it was made for the server's model)."""
+        served = self.choice
         if engine in (None, "auto") and model is None:
-            return self.choice
-        return choose_engine(engine or "auto", model)
+            return served
+        if served.spec is not None and model == served.spec.name and engine in (None, "auto", served.engine):
+            return served
+        choice = choose_engine(engine or "auto", model)
+        same = choice.engine == served.engine and choice.spec == served.spec
+        return served if same and choice.checkpoint_path == served.checkpoint_path else choice
 
     def session_info(self, owner: str, session_id: str) -> dict:
         hosted = self._get(owner, session_id)
@@ -313,6 +355,7 @@ class ServerCore:
             "volume": hosted.volume_sha,
             "axis": hosted.axis,
             "engine": session.engine_name,
+            "adapter": hosted.adapter,
             "objects": session.object_ids,
             "slices_encoded_total": int(session.slices_encoded_total),
             "job": None if hosted.job is None else hosted.job.status.job_id,
