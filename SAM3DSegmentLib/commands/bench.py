@@ -21,9 +21,10 @@ def add_parser(subparsers) -> None:
             "process under --annotators simulated annotators (see docs/server.md, Benchmark)."
         ),
     )
-    parser.add_argument("--engine", choices=("sam2", "slicewise", "weightfree"),
+    parser.add_argument("--engine", choices=("sam2", "slicewise", "weightfree", "volumetric"),
                         help="engine to benchmark: sam2 or slicewise (required without --server); with --server, "
-                             "the server's engine (default: as `sam3d serve`, LiteMedSAM)")
+                             "the server's engine (default: as `sam3d serve`, LiteMedSAM). volumetric "
+                             "(3DSAM-adapter) has no peer pipeline here: time it with `sam3d eval`")
     parser.add_argument("--data", default="../shared/data", help="cases.json dataset (default ../shared/data)")
     parser.add_argument("--case", default="ct_upper_abdomen_totalseg")
     parser.add_argument("--target", default="kidney_left")
@@ -60,8 +61,10 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import InputError
-    from ..evaluation.benchmark import run_benchmark
+    from ..evaluation.benchmark import VOLUMETRIC_NOT_BENCHED, run_benchmark
 
+    if args.engine == "volumetric":
+        raise InputError(VOLUMETRIC_NOT_BENCHED)
     if args.server:
         return run_server(args)
     if args.engine not in ("sam2", "slicewise"):

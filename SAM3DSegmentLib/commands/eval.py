@@ -20,9 +20,11 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--cases", nargs="*", help="case names (default: all)")
     parser.add_argument("--targets", nargs="*", help="structure names or groups (default: each case's targets)")
     parser.add_argument("--engine", default=["auto"], nargs="+",
-                        choices=("auto", "weightfree", "slicewise", "sam2", "oracle",
+                        choices=("auto", "weightfree", "slicewise", "sam2", "volumetric", "oracle",
                                  "litemedsam-upstream", "litemedsam-oracle-box"),
-                        help="engine; 'oracle' is a measurement double answering from the reference; "
+                        help="engine; 'volumetric' is 3DSAM-adapter (with --model 3dsam_adapter_<task>; include "
+                             "clicks only, so --prompt click and --rounds 0); 'oracle' is a measurement double "
+                             "answering from the reference; "
                              "litemedsam-upstream is LiteMedSAM's published 3D pipeline (box on the middle slice "
                              "and the z-range from the reference), litemedsam-oracle-box a box from the reference "
                              "on every slice (the model's ceiling). Several engines run one after the other on "
@@ -111,6 +113,10 @@ def check_arguments(args: argparse.Namespace) -> None:
     if not 0 <= args.box_jitter <= 1:
         raise InputError(f"--box-jitter {args.box_jitter}: give a fraction of the box size from 0 to 1.")
     check_output_folder(args.out, "the results (--out)")
+    if "volumetric" in args.engine and (args.prompt == "box" or args.rounds > 0 or args.protocol == "cvpr25"):
+        raise InputError("The volumetric engine (3DSAM-adapter) takes include clicks only: no box, and no exclude "
+                         "click, which the simulated user's corrections and --protocol cvpr25 use. Run it with "
+                         "--prompt click --rounds 0 (the default protocol).")
     if args.server and (args.protocol == "cvpr25" or args.sweep or len(args.engine) > 1 or args.engine[0] in (
             "oracle", "litemedsam-upstream", "litemedsam-oracle-box") or args.checkpoint or args.adapter
             or args.engine_option or args.projection):
@@ -176,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         rows = []
         for engine in args.engine:
-            with_model = engine in ("auto", "slicewise", "sam2")  # --model and --engine-option are theirs
+            with_model = engine in ("auto", "slicewise", "sam2", "volumetric")  # --model and --engine-option are theirs
             engine_config = replace(config, engine=engine, model=args.model if with_model else None,
                                     engine_options=config.engine_options if with_model else {})
             rows += evaluate_dataset(engine_config, cases, args.targets,

@@ -45,12 +45,19 @@ def _list(args) -> int:
             cached = "partial"
         else:
             cached = "no" if spec.direct_download else "no (manual)"
-        rows.append((spec.name, spec.family, f"{spec.input_size} px", _megabytes(spec.file_size), cached,
+        size = f"{spec.input_size}^3 mm" if spec.resize == "isotropic_1mm" else f"{spec.input_size} px"
+        rows.append((spec.name, spec.family, size, _megabytes(spec.file_size), cached,
                      spec.trained_prompts, spec.licence))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
     print(f"\ncache: {cache_dir()}")
+    renamed = [spec for spec in REGISTRY.values() if spec.published_filename]
+    if renamed:
+        print(f"\n{', '.join(spec.name for spec in renamed)}: local files only (engine volumetric, tumour models). "
+              f"Their authors share each as {renamed[0].published_filename} on {renamed[0].url} ; "
+              "copy it into the cache under the name `sam3d models path NAME` prints, or pass --checkpoint FILE "
+              "--model NAME. No size or sha256 is published: `sam3d models verify NAME` checks that it loads.")
     return 0
 
 

@@ -71,8 +71,10 @@ def accept_negative_coordinates(parser: argparse.ArgumentParser) -> None:
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     """--engine, --model, --checkpoint, --adapter, --device, --window (shared with ``sam3d demo``)."""
-    parser.add_argument("--engine", default="auto", choices=("auto", "weightfree", "slicewise", "sam2"),
-                        help="auto: SAM 2.1 / SAM if a checkpoint is available, else weight-free")
+    parser.add_argument("--engine", default="auto", choices=("auto", "weightfree", "slicewise", "sam2", "volumetric"),
+                        help="auto: MedSAM2 / MedSAM / LiteMedSAM / SAM 2.1 / SAM, whichever checkpoint is here "
+                             "first, else weight-free; volumetric: 3DSAM-adapter (one click -> a 3D tumour mask; "
+                             "give --model 3dsam_adapter_kits, _lits, _pancreas or _colon), never chosen by auto")
     parser.add_argument("--model", help="registry model name (see `sam3d models list`)")
     parser.add_argument("--checkpoint", metavar="FILE", help="local checkpoint file instead of the cache")
     parser.add_argument("--adapter", metavar="FILE",
@@ -282,20 +284,25 @@ def run(args) -> int:
     try:
         progress = None if args.no_progress else ProgressBar()
         result = propagate(session, prompt, args.direction, slice_range, args.keep, progress)
+        encoded = session.slices_encoded_total
     finally:
         session.close()
     path = write_output(result.mask, volume, args.out, args.name)
-    print_summary(result, volume, time.perf_counter() - started)
+    print_summary(result, volume, time.perf_counter() - started, encoded)
     print(f"wrote {path}")
     return 0
 
 
-def print_summary(result, volume, seconds: float) -> None:
+def print_summary(result, volume, seconds: float, encoded_total: int | None = None) -> None:
+    """One line on the object; ``encoded_total`` is the session's encoder runs, preview included
+    (the volumetric engine encodes 3D crops, not slices)."""
     slices = result.slices_with_object
     voxels = int(np.count_nonzero(result.mask))
     millilitres = voxels * float(np.prod(volume.spacing_kji)) / 1000.0
     span = f"slices {slices[0]}..{slices[-1]} ({len(slices)})" if slices else "no slices"
-    print(f"object: {voxels} voxels, {millilitres:.1f} ml, {span}; {result.slices_encoded} slices encoded; "
-          f"{seconds:.1f} s")
+    encoded = f"{result.slices_encoded} slices encoded"
+    if result.engine == "volumetric" and encoded_total is not None:
+        encoded = f"{encoded_total} 3D crop{'s' if encoded_total != 1 else ''} encoded"
+    print(f"object: {voxels} voxels, {millilitres:.1f} ml, {span}; {encoded}; {seconds:.1f} s")
     for run_key, reason in sorted(result.stop_reasons.items()):
         print(f"  run {run_key}: {reason}")

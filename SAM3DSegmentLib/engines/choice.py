@@ -6,6 +6,9 @@ Engines:
   propagation of :mod:`slicewise`. Needs no checkpoint: the offline default and the baseline.
 - ``slicewise``: SAM / MedSAM / LiteMedSAM slice by slice (:mod:`sam_slice_predictor`).
 - ``sam2``: SAM 2.1 / MedSAM2 with its video memory (:mod:`sam2_video`).
+- ``volumetric``: 3DSAM-adapter, one click -> a 3D mask (:mod:`volumetric`); each of its four
+  checkpoints is a tumour model for one CT task, so it runs only when asked for (``--engine
+  volumetric`` or one of its models by name), never by "auto"'s search.
 
 ``choose_engine("auto")`` uses MedSAM2 or MedSAM when the user has their checkpoint, else
 LiteMedSAM (installed with the package), and the weight-free engine only when no model can be
@@ -33,7 +36,7 @@ from ..models.registry import (
 
 log = logging.getLogger(__name__)
 
-ENGINES: tuple[str, ...] = ("auto", "weightfree", "slicewise", "sam2")
+ENGINES: tuple[str, ...] = ("auto", "weightfree", "slicewise", "sam2", "volumetric")
 
 
 @dataclass(frozen=True)
@@ -54,7 +57,8 @@ MEDICAL_MODELS = ("medsam2", "medsam_vit_b")
 
 def auto_preference() -> list[str]:
     """Models "auto" looks for, best first: the larger medical models, LiteMedSAM (installed with
-    the package, so normally the end of the search), then the general SAM 2.1 and SAM models."""
+    the package, so normally the end of the search), then the general SAM 2.1 and SAM models.
+    Never the 3DSAM-adapter ones: each segments one kind of tumour only."""
     names = [*MEDICAL_MODELS, DEFAULT_MODEL, DEFAULT_SAM2_MODEL]
     names += [n for n, s in REGISTRY.items() if s.family == "sam2" and n not in names]
     names += [n for n, s in REGISTRY.items() if s.family == "sam" and n not in names]
@@ -78,7 +82,11 @@ def choose_engine(
         return EngineChoice("weightfree", None, None, "the weight-free engine was requested")
     if checkpoint is not None and not Path(checkpoint).expanduser().is_file():
         what = "is a folder" if Path(checkpoint).expanduser().is_dir() else "does not exist"
-        raise CheckpointError(f"Checkpoint file {checkpoint} {what}. Give the path of a downloaded .pt/.pth file.")
+        where = ""
+        named = REGISTRY.get(model) if model else None
+        if engine == "volumetric" or (named is not None and named.family == "sam3d_adapter"):
+            where = f" The 3DSAM-adapter checkpoints (each a last.pth.tar) are on the authors' page: {_volumetric_page()}"
+        raise CheckpointError(f"Checkpoint file {checkpoint} {what}. Give the path of a downloaded .pt/.pth file.{where}")
 
     spec = _spec_for(model, checkpoint, engine)
     if engine == "auto" and spec is None:
@@ -97,8 +105,20 @@ def choose_engine(
             f"{how_to_get(get_spec(DEFAULT_MODEL))}",
         )
 
+    if spec is None and engine == "volumetric":
+        raise InputError(
+            "The volumetric engine needs --model, the 3DSAM-adapter checkpoint of the task: "
+            f"{', '.join(_volumetric_names())} (see `sam3d models list`)."
+        )
     if spec is None:  # an explicit SAM engine without a model: its default model
         spec = get_spec(DEFAULT_SAM2_MODEL if engine == "sam2" else DEFAULT_MODEL)
+    if engine == "volumetric" and spec.family != "sam3d_adapter":
+        raise InputError(
+            f"The volumetric engine runs the 3DSAM-adapter models ({', '.join(_volumetric_names())}); "
+            f"{spec.name} is a {spec.family} model: use --engine {_engine_of(spec)}."
+        )
+    if engine in ("slicewise", "sam2") and spec.family == "sam3d_adapter":
+        raise InputError(f"{spec.name} is a 3DSAM-adapter model: use --engine volumetric.")
     if engine == "sam2" and spec.family != "sam2":
         raise InputError(f"The sam2 engine needs a SAM 2 model; {spec.name} is a {spec.family} model.")
     if engine == "slicewise" and spec.family == "sam2":
@@ -146,7 +166,19 @@ def _spec_for(model: str | None, checkpoint: str | Path | None, engine: str = "a
 
 
 def _engine_of(spec: ModelSpec) -> str:
+    """The engine that runs a model of this family."""
+    if spec.family == "sam3d_adapter":
+        return "volumetric"
     return "sam2" if spec.family == "sam2" else "slicewise"  # SAM, MedSAM, LiteMedSAM: slice by slice
+
+
+def _volumetric_names() -> list[str]:
+    return [n for n, s in REGISTRY.items() if s.family == "sam3d_adapter"]
+
+
+def _volumetric_page() -> str:
+    names = _volumetric_names()
+    return REGISTRY[names[0]].url if names else ""
 
 
 def open_session(
@@ -159,8 +191,10 @@ def open_session(
 ):
     """A :class:`~SAM3DSegmentLib.engines.session.Session` of the chosen engine on ``volume``.
 
-    ``window`` is the intensity window (None: automatic for the modality). ``options`` go to the
-    engine: for the weight-free engine, fields of ``SlicewiseOptions`` and ``RandomWalkerOptions``.
+    ``window`` is the intensity window (None: automatic for the modality; the volumetric engine
+    uses its checkpoint's own HU range instead). ``options`` go to the engine: for the weight-free
+    engine, fields of ``SlicewiseOptions`` and ``RandomWalkerOptions``; the volumetric engine takes
+    none (slice-propagation options are ignored there).
     Checks first that the volume can be segmented, the axis exists and a named device is there.
     """
     if not isinstance(volume, Volume):
@@ -203,7 +237,50 @@ def open_session(
         return Sam2Session(
             volume, axis, model, choice.spec, window=window or WindowSpec(), device=torch_device, **options
         )
+    if choice.engine == "volumetric":
+        return open_volumetric(choice, volume, axis, device, window, **options)
     raise InputError(f"Unknown engine {choice.engine!r}; choose one of {', '.join(ENGINES[1:])}.")
+
+
+def open_volumetric(choice: EngineChoice, volume: Volume, axis: int = 0, device: str | None = None,
+                    window: WindowSpec | None = None, **options):
+    """A 3DSAM-adapter session: the model built from the choice's checkpoint, the intensity
+    handling of the dataset it was trained on (the registry's ``dataset``), and the choice's
+    adapter (from ``sam3d finetune --engine volumetric``) on top, if any."""
+    from .slicewise import SlicewiseOptions
+
+    if choice.spec is None or choice.spec.family != "sam3d_adapter":
+        raise InputError("The volumetric engine needs a 3DSAM-adapter model (see `sam3d models list`).")
+    slice_options = {f.name for f in fields(SlicewiseOptions)}
+    unknown = set(options) - slice_options
+    if unknown:
+        raise InputError(f"Unknown option(s) for the volumetric engine: {', '.join(sorted(unknown))}; it takes none.")
+    if options:
+        log.info("The volumetric engine propagates in 3D at once; ignoring %s.", ", ".join(sorted(options)))
+    if window is not None and window != WindowSpec():
+        log.info("The volumetric engine uses its checkpoint's own HU range (%s); the window is not used.",
+                 choice.spec.dataset)
+    if volume.modality not in (None, "", "CT"):
+        log.warning("3DSAM-adapter was trained on CT; this volume is %s.", volume.modality)
+    try:
+        from ..models.builders import build_model
+        from ..models.devices import select_device
+        from .volumetric import open_volumetric_session
+    except ImportError as exc:
+        raise DependencyError(
+            f"The volumetric engine is not available in this build ({exc}); use --engine weightfree."
+        ) from exc
+
+    torch_device = select_device(device)
+    model = build_model(choice.spec, choice.checkpoint_path, torch_device)
+    with_adapter = {}
+    if choice.adapter is not None:  # it must have been trained on this very checkpoint file
+        from ..models.checkpoint_cache import recorded_sha256, sha256_of
+
+        path = Path(choice.checkpoint_path)
+        with_adapter = {"adapter": choice.adapter, "base_sha256": recorded_sha256(path) or sha256_of(path)}
+    return open_volumetric_session(volume, model, axis, dataset=choice.spec.dataset, device=torch_device,
+                                   **with_adapter)
 
 
 def _check_device(device) -> None:

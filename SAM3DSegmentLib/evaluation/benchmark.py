@@ -42,6 +42,11 @@ log = logging.getLogger(__name__)
 
 OBJECT_ID = 1
 DEFAULT_MODELS = {"sam2": "sam2.1_hiera_tiny", "slicewise": "litemedsam"}
+VOLUMETRIC_NOT_BENCHED = (
+    "The volumetric engine (3DSAM-adapter) runs the authors' own one-crop pipeline, so there is no peer pipeline "
+    "to time it against here; time it with `sam3d eval --engine volumetric --model 3dsam_adapter_<task>` "
+    "(seconds per target in results.csv)."
+)
 
 
 class PeakRss:
@@ -225,12 +230,16 @@ def run_benchmark(
     """Load the case, build the model through the official builder, and measure (see
     :func:`benchmark_engine`). ``stop_mode`` None: the stop rule with real weights, the target's
     range with random ones."""
+    if engine == "volumetric":
+        raise InputError(VOLUMETRIC_NOT_BENCHED)
     if engine not in DEFAULT_MODELS:
         raise InputError(f"Benchmark engine must be 'sam2' or 'slicewise'; got {engine!r}.")
     from ..models.builders import build_model
     from ..models.registry import get_spec
 
     spec = get_spec(model_name or DEFAULT_MODELS[engine])
+    if spec.family == "sam3d_adapter":
+        raise InputError(f"Model {spec.name} is a 3DSAM-adapter model. {VOLUMETRIC_NOT_BENCHED}")
     if (spec.family == "sam2") != (engine == "sam2"):
         raise InputError(f"Model {spec.name} is a {spec.family} model; it does not fit the {engine} engine.")
     case, volume, reference, slab = load_bench_case(data, case_name, target, max_slices, axis)

