@@ -1,4 +1,5 @@
-"""``sam3d finetune``: train LiteMedSAM's mask decoder on the user's volumes, save an adapter."""
+"""``sam3d finetune``: train LiteMedSAM's mask decoder (default) or, with ``--engine volumetric``,
+a 3DSAM-adapter checkpoint's adapters on the user's volumes; save an adapter file."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ log = logging.getLogger(__name__)
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "finetune",
-        help="fine-tune LiteMedSAM's decoder on your volumes and labels, save an adapter",
+        help="fine-tune LiteMedSAM's decoder (or 3DSAM-adapter's adapters) on your volumes and labels, save an adapter",
         description=(
             "Fine-tune a model on your own volumes and corrected labels (a cases.json or a folder of "
             "image/label pairs, as `sam3d eval --data` reads them). The base weights stay frozen: the "
@@ -20,24 +21,37 @@ def add_parser(subparsers) -> None:
             "each target, prompted with boxes from the label. The frozen encoder's embeddings are computed "
             "once (cached in --work-dir). A validation split stops early; a checkpoint after each epoch "
             "lets --resume continue. Writes a small adapter file: use it with "
-            "`sam3d segment/eval --model litemedsam --adapter FILE`. See docs/finetune.md."
+            "`sam3d segment/eval --model litemedsam --adapter FILE`. "
+            "With --engine volumetric --checkpoint FILE --dataset NAME, a 3DSAM-adapter checkpoint is "
+            "fine-tuned instead: its ViT frozen, its adapters, click encoder and 3D decoder trained on "
+            "crops around each target (no caching possible: slow on a CPU). See docs/finetune.md."
         ),
     )
+    parser.add_argument("--engine", default="slicewise", choices=("slicewise", "volumetric"),
+                        help="slicewise: LiteMedSAM's decoder (default); volumetric: a 3DSAM-adapter checkpoint")
     parser.add_argument("--data", required=True, help="cases.json, a folder holding one, or a folder of pairs")
     parser.add_argument("--cases", nargs="*", help="case names (default: all)")
     parser.add_argument("--targets", nargs="*", help="structure names or groups (default: each case's targets)")
     parser.add_argument("--out", required=True, metavar="FILE", help="the adapter file to write (.pt)")
     parser.add_argument("--model", default="litemedsam", help="base model (LiteMedSAM)")
-    parser.add_argument("--checkpoint", metavar="FILE", help="the base checkpoint file instead of the installed one")
+    parser.add_argument("--checkpoint", metavar="FILE",
+                        help="the base checkpoint file instead of the installed one (volumetric: required, "
+                             "the authors' last.pth.tar)")
+    parser.add_argument("--dataset", choices=("kits", "lits", "pancreas", "colon"),
+                        help="volumetric: the dataset the checkpoint was trained on (its intensity handling)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--axis", type=int, default=0, choices=(0, 1, 2), help="slice axis (array k, j, i)")
     parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=1e-4, help="learning rate (AdamW)")
+    parser.add_argument("--batch-size", type=int, default=8, help="slices per step (slicewise)")
+    parser.add_argument("--lr", type=float, help="learning rate (AdamW; default 1e-4, volumetric 4e-4)")
     parser.add_argument("--patience", type=int, default=3, help="epochs without a better validation Dice before stopping")
     parser.add_argument("--validation-fraction", type=float, default=0.2, help="fraction of the slices held out")
     parser.add_argument("--box-jitter", type=float, default=5.0, help="box side jitter in model pixels (256 px frame)")
-    parser.add_argument("--prompt-encoder", action="store_true", help="train the prompt encoder too")
+    parser.add_argument("--prompt-encoder", action="store_true", help="train the prompt encoder too (slicewise)")
+    parser.add_argument("--crops-per-case", type=int, default=4, help="volumetric: training crops per target and epoch")
+    parser.add_argument("--clicks", type=int, default=3, help="volumetric: up to this many clicks per training crop")
+    parser.add_argument("--no-recompute", action="store_true",
+                        help="volumetric: keep all encoder activations (about a quarter faster, about 20 GB more memory at full size)")
     parser.add_argument("--max-minutes", type=float, help="stop after this much training time")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work-dir", metavar="DIR", help="embedding cache and training checkpoint (default: OUT.work)")
@@ -63,6 +77,8 @@ class TrainingProgress:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.engine == "volumetric":
+        return run_volumetric(args)
     from pathlib import Path
 
     from ..engines.choice import choose_engine
@@ -77,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     if choice.spec.family != "litemedsam":
         raise InputError(f"Fine-tuning is implemented for LiteMedSAM; {choice.spec.name} is a {choice.spec.family} model.")
     config = FinetuneConfig(
-        epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
+        epochs=args.epochs, batch_size=args.batch_size, learning_rate=1e-4 if args.lr is None else args.lr,
         train_prompt_encoder=args.prompt_encoder, validation_fraction=args.validation_fraction,
         patience=args.patience, box_jitter_px=args.box_jitter, max_minutes=args.max_minutes, seed=args.seed,
     )
@@ -108,4 +124,59 @@ def run(args: argparse.Namespace) -> int:
           f"(epoch {result.best_epoch}; {result.stopped}); {result.seconds:.0f} s")
     print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB): "
           f"sam3d segment --model {choice.spec.name} --adapter {out} ...")
+    return 0
+
+
+def run_volumetric(args: argparse.Namespace) -> int:
+    """``--engine volumetric``: fine-tune a 3DSAM-adapter checkpoint file (``--checkpoint``, ``--dataset``)."""
+    from pathlib import Path
+
+    from ..errors import InputError
+    from ..evaluation.datasets import case_targets, load_case, open_dataset, select_cases, target_mask
+    from ..models.checkpoint_cache import recorded_sha256, sha256_of
+    from ..models.devices import select_device
+    from ..models.sam3d_adapter import load_authors_file
+    from ..training.finetune import write_adapter
+    from ..training.volumetric_finetune import VolumetricFinetuneConfig, finetune_volumetric, prepare_case
+
+    if not args.checkpoint or not args.dataset:
+        raise InputError(
+            "--engine volumetric needs --checkpoint FILE (one of the authors' 3DSAM-adapter last.pth.tar "
+            "files, see docs/volumetric.md) and --dataset (kits, lits, pancreas or colon: the one it was trained on)."
+        )
+    if args.model != "litemedsam":
+        raise InputError("--engine volumetric takes the checkpoint file with --checkpoint, not --model.")
+    config = VolumetricFinetuneConfig(
+        dataset=args.dataset, epochs=args.epochs, crops_per_case=args.crops_per_case,
+        learning_rate=4e-4 if args.lr is None else args.lr, max_clicks=args.clicks,
+        validation_fraction=args.validation_fraction, patience=args.patience,
+        recompute_blocks=not args.no_recompute, max_minutes=args.max_minutes, seed=args.seed,
+    )
+    config.check()
+    out = Path(args.out)
+    work = Path(args.work_dir) if args.work_dir else out.with_name(out.name + ".work")
+    progress = None if args.no_progress else TrainingProgress()
+    path = Path(args.checkpoint).expanduser()
+    model = load_authors_file(path)
+    sha = recorded_sha256(path) or sha256_of(path)
+    device = select_device(args.device)
+    cases = []
+    for case in select_cases(open_dataset(args.data), args.cases):
+        volume, label = load_case(case)
+        for target in case_targets(case, label, args.targets):
+            reference = target_mask(case, label, target)
+            if not reference.any():
+                log.warning("%s: %s is empty, skipped.", case.name, target)
+                continue
+            cases.append(prepare_case(volume, reference, config, model.cfg.crop_size, name=f"{case.name}_{target}"))
+    if not cases:
+        raise InputError(f"No target found in {args.data}: check --cases/--targets.")
+    print(f"{len(cases)} training targets; {config.crops_per_case} crops of {model.cfg.crop_size}^3 each per epoch")
+    result = finetune_volumetric(model, cases, config, base_sha256=sha, checkpoint_path=work / "checkpoint.pt",
+                                 resume=args.resume, progress=progress, device=device)
+    write_adapter(out, result)
+    print(f"validation Dice ({result.metadata['validation']}) {result.validation_dice_base:.3f} (base) -> "
+          f"{result.validation_dice:.3f} (epoch {result.best_epoch}; {result.stopped}); {result.seconds:.0f} s")
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB): "
+          f"open_volumetric_session(volume, {str(path)!r}, adapter={str(out)!r})")
     return 0

@@ -18,6 +18,9 @@ model with all of them (the authors' ``--num_prompts``). The model has no exclud
 they are refused with advice. A slice mask (``set_slice_mask``) replaces that slice of the result.
 ``propagate`` is one 3D inference (the whole volume at once, not slice runs): progress is reported
 per step, cancel is checked between steps, and a cancelled call leaves the previous result.
+
+A fine-tuned adapter (``sam3d finetune --engine volumetric``) is loaded on top of the base
+checkpoint by ``open_volumetric_session(..., adapter=FILE)``.
 """
 
 from __future__ import annotations
@@ -34,7 +37,13 @@ import torch.nn.functional as F
 from ..data.prompts import SlicePrompt
 from ..data.volume import Volume, get_slice, slice_to_kji
 from ..errors import InputError, PromptError, PropagationCancelled
-from ..models.sam3d_adapter import DATASET_INTENSITY, DatasetIntensity, Sam3DAdapter, load_authors_file
+from ..models.sam3d_adapter import (
+    DATASET_INTENSITY,
+    DatasetIntensity,
+    Sam3DAdapter,
+    Sam3DAdapterConfig,
+    load_authors_file,
+)
 from .anchors import Run
 from .session import (
     CancelCheck,
@@ -303,9 +312,43 @@ def _score(probability: np.ndarray, mask: np.ndarray) -> float:
 
 
 def open_volumetric_session(volume: Volume, model: Sam3DAdapter | str | Path, axis: int = 0,
-                            dataset: str = "kits", device: str = "cpu") -> VolumetricSession:
+                            dataset: str | None = None, device: str = "cpu", *,
+                            adapter: str | Path | None = None, base_sha256: str | None = None,
+                            config: Sam3DAdapterConfig | None = None) -> VolumetricSession:
     """A session of the volumetric engine; ``model`` is a loaded model or the path of one of the
-    authors' checkpoints (``dataset`` must then be the one it was trained on)."""
+    authors' checkpoints (``dataset`` must then be the one it was trained on; default kits).
+
+    ``adapter`` is a file from ``sam3d finetune --engine volumetric``, loaded on top of the base
+    weights (a loaded ``model`` is changed in place). It must have been trained on this very
+    checkpoint: with a loaded model give ``base_sha256``, the sha256 of the file it was loaded
+    from. Its dataset is the default ``dataset``. ``config`` sizes a model read from a path
+    (default: the released size).
+    """
+    if adapter is not None:
+        if isinstance(model, Sam3DAdapter) and not base_sha256:
+            raise InputError(
+                "An adapter goes on top of the checkpoint it was trained on: give the checkpoint's path as "
+                "the model, or base_sha256= (the sha256 of the file the model was loaded from)."
+            )
+        if not isinstance(model, Sam3DAdapter) and not base_sha256:
+            from ..models.checkpoint_cache import recorded_sha256, sha256_of
+
+            path = Path(model).expanduser()
+            if path.is_file():
+                base_sha256 = recorded_sha256(path) or sha256_of(path)
     if not isinstance(model, Sam3DAdapter):
-        model = load_authors_file(model)
-    return VolumetricSession(volume, model, axis=axis, options=VolumetricOptions(dataset=dataset), device=device)
+        model = load_authors_file(model, config)
+    if adapter is not None:
+        from ..models.adapters import apply_sam3d_adapter
+
+        metadata = apply_sam3d_adapter(model, adapter, str(base_sha256))
+        trained_with = metadata.get("dataset")
+        if dataset is not None and trained_with is not None and dataset != trained_with:
+            raise InputError(
+                f"Adapter {adapter} was trained with the {trained_with} intensity handling; "
+                f"open the session with dataset={trained_with!r} (or leave dataset out)."
+            )
+        dataset = dataset or trained_with
+        log.info("3DSAM-adapter: adapter %s loaded (validation Dice %s).", adapter, metadata.get("validation_dice"))
+    options = VolumetricOptions(dataset=dataset or VolumetricOptions.dataset)
+    return VolumetricSession(volume, model, axis=axis, options=options, device=device)

@@ -5,6 +5,10 @@ An adapter is a small ``torch.save`` dict: ``{"format": ADAPTER_FORMAT, "metadat
 family) and the sha256 of the base checkpoint file; :func:`apply_adapter` refuses an adapter made
 for another base with a :class:`CheckpointError`. Written by :mod:`SAM3DSegmentLib.training`,
 loaded by :func:`~SAM3DSegmentLib.models.builders.build_model` (``adapter=``).
+
+3DSAM-adapter adapters (family :data:`SAM3D_ADAPTER_FAMILY`, from ``sam3d finetune --engine
+volumetric``) also name the dataset whose intensity handling they were trained with; they are
+loaded by :func:`apply_sam3d_adapter` (``open_volumetric_session(adapter=...)``).
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from ..errors import CheckpointError
 from .registry import ModelSpec
 
 ADAPTER_FORMAT = "sam3d-adapter-1"
+SAM3D_ADAPTER_FAMILY = "sam3d_adapter"
+"""The ``family`` of adapters trained on a 3DSAM-adapter checkpoint."""
 
 
 def save_adapter(path: str | Path, state: dict, metadata: dict) -> Path:
@@ -54,6 +60,11 @@ def apply_adapter(model, spec: ModelSpec, adapter_path: str | Path, base_sha256:
     the one the adapter was trained on.
     """
     metadata, state = read_adapter(adapter_path)
+    if metadata.get("family") == SAM3D_ADAPTER_FAMILY != spec.family:
+        raise CheckpointError(
+            f"Adapter {adapter_path} was trained on a 3DSAM-adapter checkpoint, not on {spec.name!r}: "
+            "use it with the volumetric engine (open_volumetric_session(..., adapter=FILE))."
+        )
     if metadata.get("family") != spec.family or metadata.get("base_model") != spec.name:
         raise CheckpointError(
             f"Adapter {adapter_path} was trained on {metadata.get('base_model')!r} ({metadata.get('family')}), "
@@ -65,12 +76,41 @@ def apply_adapter(model, spec: ModelSpec, adapter_path: str | Path, base_sha256:
             f"{str(metadata.get('base_sha256'))[:12]}..., but the base checkpoint here has "
             f"{str(base_sha256)[:12]}...: fine-tune again on this checkpoint, or pass the original with --checkpoint."
         )
+    _load_fitting(model, state, adapter_path, spec.name)
+    return metadata
+
+
+def apply_sam3d_adapter(model, adapter_path: str | Path, base_sha256: str) -> dict:
+    """Load a 3DSAM-adapter adapter's tensors into ``model`` (loaded from the base checkpoint); its metadata.
+
+    ``base_sha256`` is the sha256 of the checkpoint file the model was loaded from: the adapter
+    must have been trained on that very file. The model is changed in place.
+    """
+    metadata, state = read_adapter(adapter_path)
+    if metadata.get("family") != SAM3D_ADAPTER_FAMILY:
+        raise CheckpointError(
+            f"Adapter {adapter_path} was trained on {metadata.get('base_model')!r} ({metadata.get('family')}), "
+            "not on a 3DSAM-adapter checkpoint: use it with that model (--model ... --adapter), or train one "
+            "for this checkpoint with `sam3d finetune --engine volumetric`."
+        )
+    if base_sha256 != metadata.get("base_sha256"):
+        raise CheckpointError(
+            f"Adapter {adapter_path} was trained on the 3DSAM-adapter checkpoint with sha256 "
+            f"{str(metadata.get('base_sha256'))[:12]}... ({metadata.get('base_model')}), but the checkpoint here has "
+            f"{str(base_sha256)[:12]}...: give the checkpoint it was trained on, or fine-tune again on this one "
+            "with `sam3d finetune --engine volumetric --checkpoint FILE`."
+        )
+    _load_fitting(model, state, adapter_path, str(metadata.get("base_model")))
+    return metadata
+
+
+def _load_fitting(model, state: dict, adapter_path, name: str) -> None:
+    """Load ``state`` into ``model`` after checking every tensor has a place of its shape."""
     expected = model.state_dict()
     wrong = [k for k, v in state.items() if k not in expected or tuple(v.shape) != tuple(expected[k].shape)]
     if wrong or not state:
         raise CheckpointError(
-            f"Adapter {adapter_path} does not fit model {spec.name}: "
+            f"Adapter {adapter_path} does not fit model {name}: "
             f"{len(wrong)} tensors unknown or of another shape (e.g. {wrong[0] if wrong else 'none at all'})."
         )
     model.load_state_dict(state, strict=False)
-    return metadata

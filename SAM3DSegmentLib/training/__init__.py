@@ -7,6 +7,10 @@ with the label in the model's low-res frame and its box. ``finetune`` trains the
 (optionally the prompt encoder) with the base weights frozen, with a validation split, early
 stopping and resumable checkpoints, and writes a small adapter file
 (:mod:`~SAM3DSegmentLib.models.adapters`) that ``build_model(adapter=...)`` loads.
+``volumetric_finetune`` trains a 3DSAM-adapter checkpoint's adapters, click encoder and 3D
+decoder (SAM's ViT frozen, the authors' rule) on crops around each target, prepared as the
+volumetric engine prepares a volume; its adapter is loaded by
+``open_volumetric_session(adapter=...)``.
 
 This layer sits between ``engines`` and ``evaluation``: it may import ``errors``, ``data``,
 ``models`` and ``engines``, never ``evaluation``, ``serving`` or ``commands``.
