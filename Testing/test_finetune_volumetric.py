@@ -271,3 +271,25 @@ def test_cli_writes_an_adapter(base, tmp_path, monkeypatch, capsys):
     assert (tmp_path / "adapter.pt.work" / "checkpoint.pt").is_file()
     assert "wrote" in capsys.readouterr().out
     assert sha256(base[0]) == base[1]
+
+
+def test_the_engine_choice_loads_the_adapter_as_the_session_does(base, run, tmp_path):
+    """`--engine volumetric --adapter FILE` (engine choice) gives the session opened by hand."""
+    from SAM3DSegmentLib.engines.choice import choose_engine, open_session
+
+    path, _ = base
+    _, result = run
+    adapter = write_adapter(tmp_path / "a.pt", result)
+    volume, _ = blob_volume(0)
+    prompt = SlicePrompt(axis=0, index=15, points=(Point(20, 20),))
+    chosen = choose_engine("volumetric", model="3dsam_adapter_kits", checkpoint=path, adapter=adapter)
+    by_choice = open_session(chosen, volume, axis=0, device="cpu")
+    by_hand = open_volumetric_session(volume, path, adapter=adapter, config=by_choice.model.cfg)
+    masks = []
+    for session in (by_choice, by_hand):
+        session.add_prompt(1, prompt)
+        masks.append(session.propagate(1).mask)
+    assert np.array_equal(masks[0], masks[1])
+    with torch.no_grad():
+        trained = dict(by_choice.model.named_parameters())
+        assert all(torch.equal(trained[k], v) for k, v in result.state.items())
