@@ -246,10 +246,8 @@ def test_cli_parses_the_volumetric_finetune(tmp_path):
 
 
 def test_cli_writes_an_adapter(base, tmp_path, monkeypatch, capsys):
-    """The whole command on a folder of image/label pairs, the model read at MICRO size."""
+    """The whole command on a folder of image/label pairs, the model sized as the file says."""
     sitk = pytest.importorskip("SimpleITK")
-    from SAM3DSegmentLib.models import sam3d_adapter
-
     volume, label = blob_volume(0)
     folder = tmp_path / "pairs" / "case_a"
     folder.mkdir(parents=True)
@@ -257,7 +255,6 @@ def test_cli_writes_an_adapter(base, tmp_path, monkeypatch, capsys):
         image = sitk.GetImageFromArray(array)
         image.SetSpacing((1.0, 1.0, 1.5))
         sitk.WriteImage(image, str(folder / f"{name}.nii.gz"))
-    monkeypatch.setattr(sam3d_adapter, "load_authors_file", lambda path, cfg=None: load_authors_file(path, MICRO))
     out = tmp_path / "adapter.pt"
     args = build_parser().parse_args([
         "finetune", "--engine", "volumetric", "--checkpoint", str(base[0]), "--dataset", "kits",

@@ -22,7 +22,7 @@ def add_parser(subparsers) -> None:
             "once (cached in --work-dir). A validation split stops early; a checkpoint after each epoch "
             "lets --resume continue. Writes a small adapter file: use it with "
             "`sam3d segment/eval --model litemedsam --adapter FILE`. "
-            "With --engine volumetric --checkpoint FILE --dataset NAME, a 3DSAM-adapter checkpoint is "
+            "With --engine volumetric --model 3dsam_adapter_NAME (or --checkpoint FILE --dataset NAME), a 3DSAM-adapter checkpoint is "
             "fine-tuned instead: its ViT frozen, its adapters, click encoder and 3D decoder trained on "
             "crops around each target (no caching possible: slow on a CPU). See docs/finetune.md."
         ),
@@ -33,9 +33,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--cases", nargs="*", help="case names (default: all)")
     parser.add_argument("--targets", nargs="*", help="structure names or groups (default: each case's targets)")
     parser.add_argument("--out", required=True, metavar="FILE", help="the adapter file to write (.pt)")
-    parser.add_argument("--model", default="litemedsam", help="base model (LiteMedSAM)")
+    parser.add_argument("--model", default="litemedsam",
+                        help="base model: litemedsam, or with --engine volumetric a 3dsam_adapter_* model")
     parser.add_argument("--checkpoint", metavar="FILE",
-                        help="the base checkpoint file instead of the installed one (volumetric: required, "
+                        help="the base checkpoint file instead of the installed / cached one (volumetric: "
                              "the authors' last.pth.tar)")
     parser.add_argument("--dataset", choices=("kits", "lits", "pancreas", "colon"),
                         help="volumetric: the dataset the checkpoint was trained on (its intensity handling)")
@@ -135,17 +136,23 @@ def run_volumetric(args: argparse.Namespace) -> int:
     from ..evaluation.datasets import case_targets, load_case, open_dataset, select_cases, target_mask
     from ..models.checkpoint_cache import recorded_sha256, sha256_of
     from ..models.devices import select_device
-    from ..models.sam3d_adapter import load_authors_file
+    from ..engines.choice import choose_engine
+    from ..models.builders import build_model
     from ..training.finetune import write_adapter
     from ..training.volumetric_finetune import VolumetricFinetuneConfig, finetune_volumetric, prepare_case
 
-    if not args.checkpoint or not args.dataset:
+    named = None if args.model == "litemedsam" else args.model  # litemedsam: the option's default
+    if named is None and not (args.checkpoint and args.dataset):
         raise InputError(
-            "--engine volumetric needs --checkpoint FILE (one of the authors' 3DSAM-adapter last.pth.tar "
-            "files, see docs/volumetric.md) and --dataset (kits, lits, pancreas or colon: the one it was trained on)."
+            "--engine volumetric needs --model (3dsam_adapter_kits, _lits, _pancreas or _colon, see `sam3d models "
+            "list`) or --checkpoint FILE (one of the authors' last.pth.tar files, see docs/volumetric.md) with "
+            "--dataset (kits, lits, pancreas or colon: the one it was trained on)."
         )
-    if args.model != "litemedsam":
-        raise InputError("--engine volumetric takes the checkpoint file with --checkpoint, not --model.")
+    choice = choose_engine("volumetric", named or f"3dsam_adapter_{args.dataset}", args.checkpoint)
+    if args.dataset and args.dataset != choice.spec.dataset:
+        raise InputError(f"{choice.spec.name} was trained on {choice.spec.dataset}, not {args.dataset}: "
+                         "drop --dataset or give the matching --model.")
+    args.dataset = choice.spec.dataset
     config = VolumetricFinetuneConfig(
         dataset=args.dataset, epochs=args.epochs, crops_per_case=args.crops_per_case,
         learning_rate=4e-4 if args.lr is None else args.lr, max_clicks=args.clicks,
@@ -156,10 +163,10 @@ def run_volumetric(args: argparse.Namespace) -> int:
     out = Path(args.out)
     work = Path(args.work_dir) if args.work_dir else out.with_name(out.name + ".work")
     progress = None if args.no_progress else TrainingProgress()
-    path = Path(args.checkpoint).expanduser()
-    model = load_authors_file(path)
-    sha = recorded_sha256(path) or sha256_of(path)
+    path = Path(choice.checkpoint_path)
     device = select_device(args.device)
+    model = build_model(choice.spec, path, device)  # sized as the file's tensors say
+    sha = recorded_sha256(path) or sha256_of(path)
     cases = []
     for case in select_cases(open_dataset(args.data), args.cases):
         volume, label = load_case(case)
@@ -177,6 +184,6 @@ def run_volumetric(args: argparse.Namespace) -> int:
     write_adapter(out, result)
     print(f"validation Dice ({result.metadata['validation']}) {result.validation_dice_base:.3f} (base) -> "
           f"{result.validation_dice:.3f} (epoch {result.best_epoch}; {result.stopped}); {result.seconds:.0f} s")
-    print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB): "
-          f"open_volumetric_session(volume, {str(path)!r}, adapter={str(out)!r})")
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB); use it with: sam3d segment --engine volumetric "
+          f"--model {choice.spec.name} --checkpoint {path} --adapter {out} ...")
     return 0
