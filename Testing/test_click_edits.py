@@ -17,9 +17,9 @@ LEAK = ((ROWS - 60) ** 2 + (COLS - 100) ** 2 < 15 ** 2) | (((ROWS - 60) ** 2 < 2
 LEAK &= ~OBJECT
 
 
-def slice_image(seed=0):
+def slice_image(seed=0, noise_sd=5.0):
     """The object bright, the leak darker, a neck between them: a model's over-segmentation."""
-    noise = np.random.default_rng(seed).normal(0, 5, OBJECT.shape)
+    noise = np.random.default_rng(seed).normal(0, noise_sd, OBJECT.shape)
     return np.where(OBJECT, 100.0, 0.0) + np.where(LEAK, 40.0, 0.0) + noise
 
 
@@ -107,7 +107,7 @@ class LeakyBoxOnlyPredictor:
 
 
 def leaky_session(**options):
-    image = np.stack([slice_image(k) if k in range(3, 9) else np.zeros(OBJECT.shape) for k in range(12)])
+    image = np.stack([slice_image(k, 1.0) if k in range(3, 9) else np.zeros(OBJECT.shape) for k in range(12)])
     predictor = LeakyBoxOnlyPredictor(range(3, 9))
     return SlicewiseSession(Volume(image.astype(np.float32)), 0, predictor, SlicewiseOptions(**options))
 
@@ -126,6 +126,19 @@ def test_exclude_clicks_cut_the_slice_only_when_the_session_is_set_to():
         assert (preview.mask & OBJECT).sum() >= 0.98 * OBJECT.sum()
 
 
+def test_an_exclude_click_carries_onto_the_slices_propagated_from_it():
+    for setting, leak_left in (("model", True), ("cut", False)):
+        session = leaky_session(exclude_clicks=setting)
+        session.add_prompt(1, SlicePrompt(0, 5, box=Box(25, 15, 95, 120)))
+        session.propagate(1, RULE)
+        session.add_prompt(1, SlicePrompt(0, 6, points=(Point(60, 102, False),)))
+        mask = session.propagate(1, RULE).mask
+        for k in (7, 8):
+            assert bool((mask[k] & LEAK).sum() > 0.5 * LEAK.sum()) == leak_left, (setting, k)
+            assert (mask[k] & OBJECT).sum() >= 0.98 * OBJECT.sum()
+        assert (mask[5] & LEAK).sum() > 0.5 * LEAK.sum()  # the user's box on slice 5 stays as it was
+
+
 def test_an_include_click_next_to_the_object_continues_it_instead_of_taking_the_organ():
     for setting, organ_taken in (("as_given", True), ("neighbour_box", False)):
         session = leaky_session(empty_slice_clicks=setting)
@@ -141,3 +154,13 @@ def test_the_options_are_checked():
         SlicewiseOptions(exclude_clicks="erase")
     with pytest.raises(InputError, match="empty_slice_clicks"):
         SlicewiseOptions(empty_slice_clicks="box")
+
+
+def test_an_include_click_left_out_adds_the_regions_part_around_it():
+    from SAM3DSegmentLib.engines.click_edits import added_around_clicks
+
+    blob = (ROWS - 60) ** 2 + (COLS - 130) ** 2 < 12 ** 2
+    region = OBJECT | blob
+    clicks = SlicePrompt(0, 0, points=(Point(60, 130, True), Point(60, 50, False)))
+    assert np.array_equal(added_around_clicks(OBJECT, region, clicks), OBJECT | blob)
+    assert np.array_equal(added_around_clicks(OBJECT, OBJECT, clicks), OBJECT)  # not in the region: nothing

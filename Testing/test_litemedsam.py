@@ -250,3 +250,23 @@ def test_a_click_on_the_demo_lesion_gives_the_lesion_not_the_organ_around_it(mod
     assert dice(predictor.predict(k, click).mask) > 0.85
     monkeypatch.setattr(sam_slice_predictor, "CANDIDATE_TOLERANCE", 0.0)  # the plain maximum
     assert dice(predictor.predict(k, click).mask) < 0.6
+
+
+def test_region_grow_adds_a_missed_part_at_an_include_click(model):
+    """A correction click on the part of the lesion a slice's mask misses: with ``region_grow``
+    the box never shrinks and the clicked part is in the result."""
+    from SAM3DSegmentLib.data.prompts import Point
+
+    sample = make_sample()
+    k = sample.click_kji[0]
+    truth = sample.truth[k]
+    rows, cols = np.nonzero(truth)
+    half = truth & (np.arange(truth.shape[1])[None, :] <= np.median(cols))
+    missed = np.argwhere(truth & ~half)
+    row, col = missed[len(missed) // 2]
+    prompt = SlicePrompt(0, k, points=(Point(float(row), float(col)),), mask=half)
+    predictor = SamSlicePredictor(sample.volume, 0, model, "litemedsam", "cpu", WindowSpec(), correction="region_grow")
+    result = predictor.predict(k, prompt).mask
+    assert result[row, col]
+    dice = lambda m: 2 * (m & truth).sum() / (m.sum() + truth.sum())  # noqa: E731
+    assert dice(result) > dice(half)

@@ -20,7 +20,11 @@ Correction (clicks on a slice that already has a mask: an anchor or a propagated
 - ``points+mask``: the clicks with the slice's mask as dense input (what SAM expects);
 - ``region_box``: the weight-free region from the mask and the clicks, its box;
 - ``box_update``: the mask's box, grown to take in include clicks and cut back to leave out
-  exclude clicks.
+  exclude clicks;
+- ``region_grow``: the box of the mask and the weight-free region together (an include click
+  never shrinks the slice's box), and an include click the model still leaves out adds the
+  region's part around it. Exclude clicks are the session's business
+  (:func:`~SAM3DSegmentLib.engines.click_edits.cut_excluded`).
 """
 
 from __future__ import annotations
@@ -34,9 +38,9 @@ from ..data.prompts import Box, SlicePrompt
 from ..errors import InputError
 
 ClickStart = Literal["point", "region_box", "region_box+points", "mm_box", "best_box"]
-Correction = Literal["points+mask", "region_box", "box_update"]
+Correction = Literal["points+mask", "region_box", "box_update", "region_grow"]
 CLICK_STARTS: tuple[str, ...] = ("point", "region_box", "region_box+points", "mm_box", "best_box")
-CORRECTIONS: tuple[str, ...] = ("points+mask", "region_box", "box_update")
+CORRECTIONS: tuple[str, ...] = ("points+mask", "region_box", "box_update", "region_grow")
 
 
 def check_strategies(click_start: str, correction: str) -> None:

@@ -10,7 +10,10 @@ edits, used by :class:`~SAM3DSegmentLib.engines.slicewise.SlicewiseSession` when
   edge); mask pixels further than ``keep_factor * r`` from it along the mask (at most half the
   mask's reach from it, so a slice is never emptied: the click may sit in a hole the model
   filled), and the include clicks, are kept as the object; a random walk on the slice's
-  intensities decides the pixels in between.
+  intensities decides the pixels in between. :func:`carried_exclusions` carries the click onto
+  the slices propagated near it, where the tissue under it looks the same.
+- :func:`added_around_clicks`: an include click the model still leaves out adds the part of the
+  weight-free region around it (the ``region_grow`` correction of :mod:`box_prompts`).
 - :func:`neighbour_box`: an include click on an empty slice next to slices that hold the object
   becomes the nearest such slice's box, moved to take in the click (the object continues here),
   instead of a box of the region the click lands in.
@@ -28,6 +31,10 @@ KEEP_FACTOR = 3.0
 """Mask pixels further than this many click radii (along the mask) count as the object."""
 NEIGHBOUR_MAX_GAP = 3
 """An include click on an empty slice at most this many slices from the object continues it."""
+CARRY_MM = 15.0
+"""An exclude click also cuts the slices within this distance along the axis (where it carries)."""
+CARRY_TOLERANCE = 0.05
+"""... where the tissue under it differs by at most this share of the volume's 1-99 % intensity range."""
 CROP_MARGIN = 4
 RANDOM_WALK_BETA = 130.0
 
@@ -87,8 +94,9 @@ def cut_excluded(mask: np.ndarray, image: np.ndarray, prompt: SlicePrompt, keep_
         seeds[~region] = 2
         seeds[region & (along <= max(1.0, min(radius, reach) / 4))] = 2  # well inside the wrong part
         seeds[keep] = 1
-        data = _normalised(image[r0:r1, c0:c1], region)
-        walked = random_walker(data, seeds, beta=RANDOM_WALK_BETA, mode="bf")
+        walked = seeds
+        if (seeds == 0).any():
+            walked = random_walker(_normalised(image[r0:r1, c0:c1], region), seeds, beta=RANDOM_WALK_BETA, mode="bf")
         result[r0:r1, c0:c1] &= ~(region & (walked == 2))
     return result
 
@@ -111,3 +119,38 @@ def neighbour_box(prompt: SlicePrompt, object_mask: np.ndarray | None, axis: int
     neighbour = np.take(object_mask, nearest, axis=axis)
     box = bounding_box(neighbour)
     return updated_box(box, prompt, neighbour.shape) if box is not None else None
+
+
+def carried_exclusions(anchors: dict[int, SlicePrompt], index: int, volume_slice, reach: int,
+                       tolerance: float) -> SlicePrompt | None:
+    """The exclude clicks of anchors at most ``reach`` slices from ``index``, carried onto slice
+    ``index`` where the tissue under them looks the same (intensity within ``tolerance`` of the
+    clicked pixel's): the wrong part a click removed usually goes on through the next slices.
+    ``volume_slice(k)`` gives slice k's intensities. None when no click carries."""
+    here = None
+    points = []
+    for k, prompt in anchors.items():
+        if k == index or abs(k - index) > reach:
+            continue
+        for p in prompt.points:
+            if p.positive:
+                continue
+            here = volume_slice(index) if here is None else here
+            r, c = int(round(p.row)), int(round(p.col))
+            if abs(float(here[r, c]) - float(volume_slice(k)[r, c])) <= tolerance:
+                points.append(p)
+    if not points:
+        return None
+    axis = next(iter(anchors.values())).axis
+    return SlicePrompt(axis=axis, index=index, points=tuple(points))
+
+
+def added_around_clicks(mask: np.ndarray, region: np.ndarray, prompt: SlicePrompt) -> np.ndarray:
+    """``mask`` with the part of ``region`` around each include click it leaves out."""
+    mask = np.asarray(mask, dtype=bool)
+    missed = [p for p in prompt.points if p.positive and not _inside(mask, p.row, p.col) and _inside(region, p.row, p.col)]
+    if not missed:
+        return mask
+    labels, _ = ndimage.label(region)
+    picked = {labels[int(round(p.row)), int(round(p.col))] for p in missed}
+    return mask | np.isin(labels, list(picked))

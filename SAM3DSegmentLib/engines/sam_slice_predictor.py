@@ -52,6 +52,7 @@ from .box_prompts import (
     padded_box,
     updated_box,
 )
+from .click_edits import added_around_clicks
 from .feature_cache import FeatureCache
 from .session import SliceMask
 from .slicewise import SlicewiseOptions, SlicewiseSession
@@ -283,8 +284,13 @@ class SamSlicePredictor:
         previous_logits = None
         if previous is not None and prompt.mask is previous.mask and isinstance(previous.extra, dict):
             previous_logits = previous.extra.get("low_res_logits")
-        # the user's own prompt (not a propagation step) may become several candidate boxes
-        candidates = self.model_prompts(index, prompt) if previous is None else [prompt]
+        grown = None  # region_grow: the weight-free region, to add what the model leaves out
+        if previous is None and self._grows_region(prompt):
+            grown = self.region_model().predict(index, prompt).mask
+            both = grown | np.asarray(prompt.mask, dtype=bool)
+            candidates = [as_box_prompt(prompt, bounding_box(both), keep_points=False)]
+        else:  # the user's own prompt (not a propagation step) may become several candidate boxes
+            candidates = self.model_prompts(index, prompt) if previous is None else [prompt]
         try:
             features = self.embedding(index)
             with torch.inference_mode(), autocast_context(self.device, self.bfloat16):
@@ -297,7 +303,13 @@ class SamSlicePredictor:
                 raise _out_of_memory(exc, self.device) from exc
             raise
         result.mask = self.view.from_view(result.mask)
+        if grown is not None:
+            result.mask = added_around_clicks(result.mask, grown, prompt)
         return result
+
+    def _grows_region(self, prompt: SlicePrompt) -> bool:
+        return (self.correction == "region_grow" and prompt.mask is not None and prompt.box is None
+                and any(p.positive for p in prompt.points))
 
     # --- the user's clicks, for box-trained models ------------------------------------------------
 

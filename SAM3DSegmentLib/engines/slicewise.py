@@ -25,7 +25,7 @@ from ..data.prompts import Box, Point, SlicePrompt
 from ..data.volume import Volume, get_slice
 from ..errors import InputError
 from .anchors import Run
-from .click_edits import NEIGHBOUR_MAX_GAP, cut_excluded, neighbour_box
+from .click_edits import CARRY_MM, CARRY_TOLERANCE, NEIGHBOUR_MAX_GAP, carried_exclusions, cut_excluded, neighbour_box
 from .postprocess import ComponentChoice, fill_holes_2d, keep_component
 from .session import (
     CancelCheck,
@@ -213,6 +213,7 @@ class SlicewiseSession(Session):
         super().__init__(volume, axis)
         self.predictor = predictor
         self.options = options
+        self._carry_tolerance: float | None = None
         name = getattr(predictor, "name", None)
         if name:
             self.engine_name = f"slicewise:{name}"
@@ -258,6 +259,8 @@ class SlicewiseSession(Session):
                 tick(index)
                 prompt = project_prompt(source.mask, self.axis, index, self.options)
                 result = self._cleaned(self.predictor.predict(index, prompt, previous=source))
+                if self.options.exclude_clicks == "cut":
+                    result = self._with_carried_exclusions(object_id, index, result)
                 likeness = None if tissue is None else tissue.likeness(get_slice(self.volume.array, self.axis, index), result.mask)
                 reason = rule.absent_reason(result.mask, result.score, result.stability, source.mask, likeness)
                 if reason is None:
@@ -270,6 +273,23 @@ class SlicewiseSession(Session):
                     reasons[key] = tracker.reason or reason
                     break
         return RunsOutput(masks, reasons)
+
+    def _with_carried_exclusions(self, object_id: int, index: int, result: SliceMask) -> SliceMask:
+        """``result`` cut by the exclude clicks of nearby anchors that carry onto this slice."""
+        if not result.mask.any():
+            return result
+        if self._carry_tolerance is None:
+            sample = self.volume.array[:: max(1, self.volume.shape[0] // 16)]
+            low, high = np.percentile(sample, (1, 99))
+            self._carry_tolerance = CARRY_TOLERANCE * float(high - low)
+        spacing = float(self.volume.spacing_kji[self.axis])
+        reach = max(1, int(round(CARRY_MM / spacing)))
+        carried = carried_exclusions(self._object(object_id).anchors, index,
+                                     lambda k: get_slice(self.volume.array, self.axis, k), reach, self._carry_tolerance)
+        if carried is None:
+            return result
+        image = get_slice(self.volume.array, self.axis, index)
+        return SliceMask(cut_excluded(result.mask, image, carried), result.score, result.stability, result.extra)
 
     def _between_anchors_rule(self, object_id: int, run: Run, rule: StopRule) -> StopRule:
         """Between two anchors that both hold the object it is there on every slice: only an empty
