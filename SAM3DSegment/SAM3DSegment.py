@@ -28,6 +28,7 @@ if MODULE_DIR not in sys.path:
     sys.path.insert(0, MODULE_DIR)
 
 from SAM3DSegmentSlicerLogic import dependencies  # noqa: E402  (no heavy imports)
+from SAM3DSegmentSlicerLogic.engine_choices import ENGINE_NAMES, engine_of, model_note  # noqa: E402
 from SAM3DSegmentSlicerLogic.settings import (  # noqa: E402
     DEVICES,
     DIRECTIONS,
@@ -36,7 +37,6 @@ from SAM3DSegmentSlicerLogic.settings import (  # noqa: E402
     save_settings,
 )
 
-ENGINE_NAMES = ("auto", "weightfree", "slicewise", "sam2")
 ADAPTER_TOOLTIP = (
     "Optional: an adapter file from fine-tuning, loaded by the local server on top of the model's weights. "
     "It must be made for the chosen model and checkpoint. Changing it restarts the local server at the next action."
@@ -62,8 +62,9 @@ class SAM3DSegment(ScriptedLoadableModule):
         self.parent.contributors = ["SAM3DSegment contributors"]
         self.parent.helpText = (
             "Promptable 3D segmentation with Segment Anything models (SAM, MedSAM slice by slice; "
-            "SAM 2.1, MedSAM2 with video memory) and a weight-free engine. Use the SAM 3D effect in "
-            "the Segment Editor: click or box on one slice, then Propagate."
+            "SAM 2.1, MedSAM2 with video memory; 3DSAM-adapter in 3D at once, include clicks only) and a "
+            "weight-free engine. Use the SAM 3D effect in the Segment Editor: click or box on one slice, "
+            "then Propagate."
         )
         self.parent.acknowledgementText = (
             "Builds on Segment Anything (Meta, Apache-2.0), SAM 2 (Meta, Apache-2.0), MedSAM and MedSAM2 "
@@ -122,7 +123,7 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.modelComboBox.addItem(name, name)
             self.ui.modelComboBox.setItemData(self.ui.modelComboBox.count - 1, description, qt.Qt.ToolTipRole)
         self.ui.checkpointPathLineEdit.filters = ctk.ctkPathLineEdit.Files | ctk.ctkPathLineEdit.Readable
-        self.ui.checkpointPathLineEdit.nameFilters = ["Checkpoints (*.pt *.pth)", "All files (*)"]
+        self.ui.checkpointPathLineEdit.nameFilters = ["Checkpoints (*.pt *.pth *.pth.tar)", "All files (*)"]
         self.ui.downloadProgressBar.setVisible(False)
 
         for combo in (self.ui.engineComboBox, self.ui.directionComboBox, self.ui.projectionComboBox,
@@ -193,7 +194,8 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.minScoreSpinBox.value = settings.min_score
             self.ui.patienceSpinBox.value = settings.patience
             self.ui.projectionComboBox.currentText = settings.projection
-            self.ui.projectionComboBox.enabled = settings.engine != "sam2"
+            engine = engine_of(settings.engine, settings.model)
+            self.ui.projectionComboBox.enabled = engine not in ("sam2", "volumetric")  # they take no projection
             self.ui.excludeOtherSegmentsCheckBox.checked = settings.exclude_other_segments
             self.ui.serverUrlLineEdit.text = settings.server_url
             self.ui.serverTokenFileLineEdit.currentPath = settings.server_token_file
@@ -240,7 +242,7 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         name = self.ui.modelComboBox.currentData or self.logic.defaultModel(self.ui.engineComboBox.currentText)
         if not name:
-            slicer.util.infoDisplay("The weight-free engine needs no model. Choose a model to download.")
+            slicer.util.infoDisplay(self.logic.noModelToDownload(self.ui.engineComboBox.currentText))
             return
         if not slicer.util.confirmOkCancelDisplay(self.logic.downloadQuestion(name), windowTitle="Download model"):
             return
@@ -374,9 +376,17 @@ class SAM3DSegmentLogic(ScriptedLoadableModuleLogic):
     def defaultModel(self, engine):
         from SAM3DSegmentLib.models.registry import DEFAULT_MODEL, DEFAULT_SAM2_MODEL
 
-        return {"sam2": DEFAULT_SAM2_MODEL, "weightfree": ""}.get(engine, DEFAULT_MODEL)
+        return {"sam2": DEFAULT_SAM2_MODEL, "weightfree": "", "volumetric": ""}.get(engine, DEFAULT_MODEL)
+
+    def noModelToDownload(self, engine) -> str:
+        if engine == "volumetric":
+            return model_note(engine, "")
+        return "The weight-free engine needs no model. Choose a model to download."
 
     def modelState(self, settings: PanelSettings) -> str:
+        note = model_note(settings.engine, settings.model)
+        if note:
+            return note
         if settings.checkpoint:
             exists = os.path.isfile(settings.checkpoint)
             return f"Local checkpoint {'found' if exists else 'NOT FOUND'}: {settings.checkpoint}"
@@ -390,9 +400,13 @@ class SAM3DSegmentLogic(ScriptedLoadableModuleLogic):
         from SAM3DSegmentLib.models.registry import get_spec
 
         path = cached_path(name)
+        spec = get_spec(name)
+        if not path.is_file() and spec.published_filename:  # shared as a page only (3DSAM-adapter)
+            return (f"{name}: not here. Download the {spec.dataset or name} checkpoint ({spec.published_filename}) "
+                    f"by hand from {spec.url} and choose it as the Checkpoint file.")
         if not path.is_file():
             return f"{name}: not downloaded ({path})"
-        where = "installed with its Python package" if path == package_file_path(get_spec(name)) else "in the cache"
+        where = "installed with its Python package" if path == package_file_path(spec) else "in the cache"
         return f"{name}: {where} ({path})"
 
     def downloadQuestion(self, name) -> str:

@@ -12,6 +12,7 @@
 - :mod:`.session_factory`: sessions on the server for the panel's settings.
 - :mod:`.markers`: prompt markers in markups nodes of our own (hidden, not the active place list).
 - :mod:`.settings`: the panel's settings kept in a parameter node.
+- :mod:`.engine_choices`: the engine list, the volumetric engine's models and the prompts it refuses.
 - :mod:`.dependencies`: which Python packages are missing and how to install them.
 - :mod:`.messages`: user-facing messages for errors.
 """

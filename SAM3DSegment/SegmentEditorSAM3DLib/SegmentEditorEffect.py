@@ -97,7 +97,10 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             "slice with any tool and press <b>Re-propagate</b>: corrected slices become anchors and only "
             "the slices between them are recomputed. Undo restores the segment. Settings (engine, model, "
             "stop rule, server) are in the SAM 3D Segment module; the model runs in a separate server "
-            "process, started on first use.</html>"
+            "process, started on first use.<p>"
+            "The <b>volumetric</b> engine (3DSAM-adapter) takes <b>include clicks</b> only: each click gives the "
+            "whole 3D mask at once; boxes and exclude clicks are refused. Correct a slice with a lasso or any "
+            "tool: it is kept when you propagate.</html>"
         )
 
     def setupOptionsFrame(self):
@@ -417,7 +420,22 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         if button is not None and not button.checked:
             button.checked = True
         if hasattr(self, "statusLabel"):
-            self.statusLabel.text = MODE_STATUS[mode]
+            self.statusLabel.text = self._modeRefusal(mode) or MODE_STATUS[mode]
+
+    def _modeRefusal(self, mode):
+        """What to do instead, when the engine cannot take what this mode makes (a box or an exclude
+        click on the volumetric engine); None otherwise."""
+        from SAM3DSegmentLib.errors import PromptError
+        from SAM3DSegmentSlicerLogic.engine_choices import engine_of, mode_refusal
+        from SAM3DSegmentSlicerLogic.messages import user_message
+
+        if self.propagation is not None:
+            engine = self.propagation.engine
+        else:
+            settings = self._moduleSettings()
+            engine = engine_of(settings.engine, settings.model)
+        refusal = mode_refusal(engine, mode)
+        return None if refusal is None else user_message(PromptError(refusal))
 
     def _onKey(self, keySym, modifiers):
         from SAM3DSegmentSlicerLogic.view_prompts import shortcut_action

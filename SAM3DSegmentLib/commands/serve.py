@@ -5,7 +5,8 @@ machine-readable lines on stdout, ``SAM3D_TOKEN_FILE=<path>`` and ``SAM3D_SERVER
 (with ``--port 0`` the URL names the free port it bound). Without ``--token-file`` a random
 token is written to a new file only the user can read. With ``--adapter`` every session of the
 server's model gets the adapter; the file is checked against the model before the server binds its
-port, and ``/v1/info`` names it. Clients cannot name adapter files. See docs/server.md.
+port, and ``/v1/info`` names it. Clients cannot name adapter files. ``--engine volumetric`` serves
+a 3DSAM-adapter model (include clicks only; a propagation is one 3D inference). See docs/server.md.
 """
 
 from __future__ import annotations
@@ -50,8 +51,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--nninteractive-budget", type=float, default=40.0, metavar="SECONDS",
                         help="an nnInteractive client's prediction answers after at most this long of propagation, "
                              "with the slices done by then (its client waits 60 s; default 40; docs/nninteractive.md)")
-    parser.add_argument("--engine", default="auto", choices=("auto", "weightfree", "slicewise", "sam2"),
-                        help="default engine of the sessions (as for `sam3d segment`)")
+    parser.add_argument("--engine", default="auto", choices=("auto", "weightfree", "slicewise", "sam2", "volumetric"),
+                        help="default engine of the sessions (as for `sam3d segment`; volumetric: a 3DSAM-adapter "
+                             "model with --model and --checkpoint, docs/volumetric.md)")
     parser.add_argument("--model", help="registry model name (see `sam3d models list`)")
     parser.add_argument("--checkpoint", metavar="FILE", help="local checkpoint file instead of the cache")
     parser.add_argument("--adapter", metavar="FILE",

@@ -23,6 +23,9 @@ Our semantics, mapped (docs/nninteractive.md):
   answers with the slices done by then (their features stay cached); the next prediction goes on.
 - **Undo** is multi-level (:data:`~.store.UNDO_DEPTH` steps): the core's undo of the prompt, and
   the target buffer exactly as it was before it.
+- **The volumetric engine** (3DSAM-adapter) takes include clicks only: positive points are its
+  prompts; boxes, lassos, scribbles, negative points and initial segmentations answer 400 (the
+  capabilities say so). Its prediction is one 3D inference, so the time budget does not cut it.
 """
 
 from __future__ import annotations
@@ -264,8 +267,24 @@ def changed(target: np.ndarray, mask: np.ndarray) -> Answer:
     return Answer(True, box, encode_array(target[where]))
 
 
+def takes_include_clicks_only(core: ServerCore) -> bool:
+    """Whether the server's engine takes include clicks only (the volumetric engine, 3DSAM-adapter)."""
+    return core.choice.engine == "volumetric"
+
+
+def refuse_unless_clicks(core: ServerCore, what: str) -> None:
+    """PromptError (400) for an interaction the server's engine cannot take, saying what to use instead."""
+    if takes_include_clicks_only(core):
+        raise PromptError(
+            f"This server runs 3DSAM-adapter ({core.choice.spec.name}, the volumetric engine), which takes include "
+            f"clicks only: {what} cannot be used. Click inside the object with positive points instead; each click "
+            "reruns the 3D model with all of them."
+        )
+
+
 def propagate_within(session, index: int, deadline: float, worker) -> tuple[np.ndarray, bool]:
-    """(3D mask, complete) of the object; past ``deadline`` only the slices done by then (worker thread)."""
+    """(3D mask, complete) of the object; past ``deadline`` only the slices done by then (worker thread).
+    The volumetric engine's propagation is one 3D inference with no partial result: it runs to the end."""
     done: list[int] = []
 
     def progress(count: int, total: int, slice_index: int) -> None:
@@ -273,6 +292,8 @@ def propagate_within(session, index: int, deadline: float, worker) -> tuple[np.n
             done.append(slice_index)
         worker.run_waiting()  # other sessions' clicks go between this propagation's slices
 
+    if session.engine_name == "volumetric":
+        return session.propagate(OBJECT, PropagationOptions(), progress).mask, True
     try:
         return session.propagate(OBJECT, PropagationOptions(), progress, lambda: time.monotonic() > deadline).mask, True
     except PropagationCancelled:
@@ -557,11 +578,12 @@ def flag(payload: dict, name: str, default: bool) -> bool:
 def capabilities(core: ServerCore) -> dict:
     """What this server does, in the keys the client reads (and ours: engine, model, adapter, undo depth)."""
     spec = core.choice.spec
+    drawn = not takes_include_clicks_only(core)  # the volumetric engine: positive points only
     return {
-        "supported_interactions": {"points": True, "bbox2d": True, "bbox3d": False, "lasso": True, "scribble": True},
+        "supported_interactions": {"points": True, "bbox2d": drawn, "bbox3d": False, "lasso": drawn, "scribble": drawn},
         "channel_mapping": {},  # our models take prompts, not interaction channels
         "num_interaction_channels": 0,
-        "supports_initial_label": True,
+        "supports_initial_label": drawn,
         "supports_zero_shot_label_refinement": False,
         "preferred_scribble_thickness": [1, 1, 1],
         "interaction_decay": None,
@@ -652,6 +674,8 @@ def create_router(core: ServerCore) -> APIRouter:
         until = deadline()
         async with service.using(request) as lease:
             payload = await read_json(request)
+            if not payload.get("include_interaction"):
+                refuse_unless_clicks(core, "a negative (exclude) point")
             prompt = point_prompt(payload, service.image_of(lease))
             return await service.add(lease, prompt, False, flag(payload, "run_prediction", True), until)
 
@@ -659,6 +683,7 @@ def create_router(core: ServerCore) -> APIRouter:
     async def add_bbox(request: Request):
         until = deadline()
         async with service.using(request) as lease:
+            refuse_unless_clicks(core, "a box")
             payload = await read_json(request)
             prompt = box_prompt(payload, service.image_of(lease))
             return await service.add(lease, prompt, False, flag(payload, "run_prediction", True), until)
@@ -666,6 +691,7 @@ def create_router(core: ServerCore) -> APIRouter:
     async def drawn(request: Request, lasso: bool):
         until = deadline()
         async with service.using(request) as lease:
+            refuse_unless_clicks(core, "a lasso" if lasso else "a scribble")
             body, meta = await binary_body(request, core)
             image = service.image_of(lease)
             mask = await asyncio.to_thread(decode_array, body, image.target.nbytes * 8, "mask")
@@ -695,6 +721,7 @@ def create_router(core: ServerCore) -> APIRouter:
     async def add_initial_seg(request: Request):
         until = deadline()
         async with service.using(request) as lease:
+            refuse_unless_clicks(core, "an initial segmentation")
             body, meta = await binary_body(request, core)
             limit = service.image_of(lease).target.nbytes * 8
             seg = await asyncio.to_thread(decode_array, body, limit, "initial segmentation")

@@ -14,7 +14,8 @@
   kept under (owner, volume, axis, engine, model, window, device): a session opened on the same
   volume again, while another is open or after it closed, reuses the encoded slices. (The
   engines make their own cache; the core swaps it for the shared one: the ``cache`` attribute of
-  the session's predictor, or of the session.)
+  the session's predictor, or of the session.) The volumetric engine (3DSAM-adapter) has no such
+  cache: each of its sessions keeps its last 3D crop's encoder output itself.
 - **Undo.** Before each prompt, slice edit, anchor or object removal the core records the
   object's anchors; undo removes the object and adds the recorded anchors again (each anchor's
   2D result is recomputed exactly; the 3D mask is recomputed by the next propagation).
@@ -32,6 +33,7 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from ..data.prompts import SlicePrompt
@@ -127,17 +129,48 @@ class ModelHost:
 
             log.info("loading %s (%s%s) on %s", choice.spec.name, choice.checkpoint_path,
                      f", adapter {choice.adapter}" if choice.adapter else "", self.device or "auto")
-            self._models[key] = build_model(
-                choice.spec, choice.checkpoint_path, select_device(self.device), video=choice.engine == "sam2",
-                adapter=choice.adapter,
-            )
+            if choice.spec.family == "sam3d_adapter":
+                self._models[key] = self._volumetric_model(choice)
+            else:
+                self._models[key] = build_model(
+                    choice.spec, choice.checkpoint_path, select_device(self.device), video=choice.engine == "sam2",
+                    adapter=choice.adapter,
+                )
         return self._models[key]
+
+    def _volumetric_model(self, choice: EngineChoice):
+        """A 3DSAM-adapter model with the choice's adapter loaded on it once (the builder leaves adapters
+        of this family to the session; here every session shares the model, so it is done here)."""
+        from ..models.builders import build_model
+        from ..models.devices import select_device
+
+        model = build_model(choice.spec, choice.checkpoint_path, select_device(self.device))
+        if choice.adapter is None:
+            return model
+        from ..models.adapters import apply_sam3d_adapter
+        from ..models.checkpoint_cache import recorded_sha256, sha256_of
+
+        path = Path(choice.checkpoint_path)
+        metadata = apply_sam3d_adapter(model, choice.adapter, recorded_sha256(path) or sha256_of(path))
+        trained_with = metadata.get("dataset")
+        if trained_with is not None and trained_with != choice.spec.dataset:
+            from ..models.registry import REGISTRY
+
+            fitting = [n for n, s in REGISTRY.items() if s.family == choice.spec.family and s.dataset == trained_with]
+            raise InputError(
+                f"Adapter {choice.adapter.name} was trained with the {trained_with} intensity handling, but "
+                f"{choice.spec.name} uses {choice.spec.dataset}: serve it with the model of its task "
+                f"(--model {' / '.join(fitting) or metadata.get('base_model')})."
+            )
+        return model
 
     def open(self, choice: EngineChoice, volume: Volume, axis: int, window):
         """A session of ``choice`` on ``volume`` using the shared model (worker thread)."""
         if choice.engine == "weightfree":
             return open_session(choice, volume, axis, window=window)
         model = self.model(choice)
+        if choice.engine == "volumetric":
+            return self._open_volumetric(choice, model, volume, axis, window)
         if choice.engine == "slicewise":
             from ..engines.sam_slice_predictor import open_sam_session
 
@@ -148,6 +181,20 @@ class ModelHost:
 
         return Sam2Session(volume, axis, model, choice.spec, window=window or WindowSpec(),
                            device=select_device(self.device))
+
+    def _open_volumetric(self, choice: EngineChoice, model, volume: Volume, axis: int, window):
+        """A 3DSAM-adapter session on the shared model, with the intensity handling of its checkpoint's
+        dataset (as ``engines.choice.open_volumetric``). It caches its own encoder output: no pooled cache."""
+        from ..engines.volumetric import open_volumetric_session
+        from ..models.devices import select_device
+
+        if window is not None:
+            log.info("The volumetric engine uses its checkpoint's own HU range (%s); the window is not used.",
+                     choice.spec.dataset)
+        if volume.modality not in (None, "", "CT"):
+            log.warning("3DSAM-adapter was trained on CT; this volume is %s.", volume.modality)
+        return open_volumetric_session(volume, model, axis, dataset=choice.spec.dataset,
+                                       device=select_device(self.device))
 
 
 def adapter_summary(choice: EngineChoice) -> dict | None:
@@ -340,6 +387,8 @@ class ServerCore:
         the adapter (it was made for the server's model)."""
         served = self.choice
         if engine in (None, "auto") and model is None:
+            return served
+        if engine == served.engine == "volumetric" and model is None:  # the engine has no default model
             return served
         if served.spec is not None and model == served.spec.name and engine in (None, "auto", served.engine):
             return served
