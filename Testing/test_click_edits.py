@@ -164,3 +164,20 @@ def test_an_include_click_left_out_adds_the_regions_part_around_it():
     clicks = SlicePrompt(0, 0, points=(Point(60, 130, True), Point(60, 50, False)))
     assert np.array_equal(added_around_clicks(OBJECT, region, clicks), OBJECT | blob)
     assert np.array_equal(added_around_clicks(OBJECT, OBJECT, clicks), OBJECT)  # not in the region: nothing
+
+
+def test_box_trained_models_get_the_click_edits_and_others_do_not():
+    from SAM3DSegmentLib.data.sample_volume import make_sample
+    from SAM3DSegmentLib.engines.sam_slice_predictor import open_sam_session
+    from SAM3DSegmentLib.models.builders import build_model
+
+    volume = make_sample(shape_kji=(4, 32, 32)).volume
+    lite = open_sam_session(volume, 0, build_model("litemedsam", None, "cpu"), "litemedsam", device="cpu")
+    assert (lite.options.exclude_clicks, lite.options.empty_slice_clicks) == ("cut", "neighbour_box")
+    assert lite.predictor.correction == "region_grow"
+    chosen = open_sam_session(volume, 0, build_model("litemedsam", None, "cpu"), "litemedsam", device="cpu",
+                              exclude_clicks="model")
+    assert chosen.options.exclude_clicks == "model" and chosen.options.empty_slice_clicks == "neighbour_box"
+    sam = open_sam_session(volume, 0, build_model("sam_vit_b", None, "cpu"), "sam_vit_b", device="cpu")
+    assert (sam.options.exclude_clicks, sam.options.empty_slice_clicks) == ("model", "as_given")
+    assert sam.predictor.correction == "points+mask"

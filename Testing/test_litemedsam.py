@@ -238,7 +238,7 @@ def test_a_click_on_the_demo_lesion_gives_the_lesion_not_the_organ_around_it(mod
     sample = make_sample()
     k, j, i = sample.click_kji
     predictor = SamSlicePredictor(sample.volume, 0, model, "litemedsam", "cpu", WindowSpec())
-    assert (predictor.click_start, predictor.correction) == ("region_box", "region_box")
+    assert (predictor.click_start, predictor.correction) == ("region_box", "region_grow")
     click = SlicePrompt(0, k, points=(Point(float(j), float(i), True),))
     truth = sample.truth[k]
 

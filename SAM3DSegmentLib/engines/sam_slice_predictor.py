@@ -441,7 +441,13 @@ def default_strategies(spec: ModelSpec) -> tuple[str, str]:
     (measured best for LiteMedSAM on the 20 shared targets, docs/litemedsam.md)."""
     if "points" in spec.trained_prompts:
         return "point", "points+mask"
-    return "region_box", "region_box"
+    return "region_box", "region_grow"
+
+
+BOX_TRAINED_CLICK_EDITS = {"exclude_clicks": "cut", "empty_slice_clicks": "neighbour_box"}
+"""Session options a box-trained model gets unless given (:mod:`click_edits`; measured under the
+CVPR 2025 protocol, docs/litemedsam.md): the model cannot take exclude clicks, nor a lone click
+next to the object."""
 
 
 def open_sam_session(
@@ -477,6 +483,8 @@ def open_sam_session(
         )
     if options is not None and option_fields:
         raise InputError("Give either options=SlicewiseOptions(...) or option fields by name, not both.")
+    if options is None and "points" not in spec.trained_prompts:
+        option_fields = {**BOX_TRAINED_CLICK_EDITS, **option_fields}
     options = options or SlicewiseOptions(**option_fields)
     torch_device = select_device(device)
     if model is None:
