@@ -243,10 +243,11 @@ def open_session(
 
 
 def open_volumetric(choice: EngineChoice, volume: Volume, axis: int = 0, device: str | None = None,
-                    window: WindowSpec | None = None, **options):
+                    window: WindowSpec | None = None, model=None, **options):
     """A 3DSAM-adapter session: the model built from the choice's checkpoint, the intensity
     handling of the dataset it was trained on (the registry's ``dataset``), and the choice's
-    adapter (from ``sam3d finetune --engine volumetric``) on top, if any."""
+    adapter (from ``sam3d finetune --engine volumetric``) on top, if any. A ``model`` given is
+    used as it is (``sam3d serve``'s shared model, which carries its adapter already)."""
     from .slicewise import SlicewiseOptions
 
     if choice.spec is None or choice.spec.family != "sam3d_adapter":
@@ -272,13 +273,14 @@ def open_volumetric(choice: EngineChoice, volume: Volume, axis: int = 0, device:
         ) from exc
 
     torch_device = select_device(device)
-    model = build_model(choice.spec, choice.checkpoint_path, torch_device)
     with_adapter = {}
-    if choice.adapter is not None:  # it must have been trained on this very checkpoint file
-        from ..models.checkpoint_cache import recorded_sha256, sha256_of
+    if model is None:
+        model = build_model(choice.spec, choice.checkpoint_path, torch_device)
+        if choice.adapter is not None:  # it must have been trained on this very checkpoint file
+            from ..models.checkpoint_cache import recorded_sha256, sha256_of
 
-        path = Path(choice.checkpoint_path)
-        with_adapter = {"adapter": choice.adapter, "base_sha256": recorded_sha256(path) or sha256_of(path)}
+            path = Path(choice.checkpoint_path)
+            with_adapter = {"adapter": choice.adapter, "base_sha256": recorded_sha256(path) or sha256_of(path)}
     return open_volumetric_session(volume, model, axis, dataset=choice.spec.dataset, device=torch_device,
                                    **with_adapter)
 

@@ -38,7 +38,7 @@ from typing import Any, Callable
 
 from ..data.prompts import SlicePrompt
 from ..data.volume import Volume, check_segmentable
-from ..engines.choice import EngineChoice, choose_engine, open_session
+from ..engines.choice import EngineChoice, choose_engine, open_session, open_volumetric
 from ..engines.feature_cache import CachePool, FeatureCache
 from ..engines.session import PropagationOptions
 from ..errors import InputError, PromptError, PropagationCancelled, SAM3DError, ServerError
@@ -170,7 +170,7 @@ class ModelHost:
             return open_session(choice, volume, axis, window=window)
         model = self.model(choice)
         if choice.engine == "volumetric":
-            return self._open_volumetric(choice, model, volume, axis, window)
+            return open_volumetric(choice, volume, axis, self.device, window, model=model)  # its own cache
         if choice.engine == "slicewise":
             from ..engines.sam_slice_predictor import open_sam_session
 
@@ -181,20 +181,6 @@ class ModelHost:
 
         return Sam2Session(volume, axis, model, choice.spec, window=window or WindowSpec(),
                            device=select_device(self.device))
-
-    def _open_volumetric(self, choice: EngineChoice, model, volume: Volume, axis: int, window):
-        """A 3DSAM-adapter session on the shared model, with the intensity handling of its checkpoint's
-        dataset (as ``engines.choice.open_volumetric``). It caches its own encoder output: no pooled cache."""
-        from ..engines.volumetric import open_volumetric_session
-        from ..models.devices import select_device
-
-        if window is not None:
-            log.info("The volumetric engine uses its checkpoint's own HU range (%s); the window is not used.",
-                     choice.spec.dataset)
-        if volume.modality not in (None, "", "CT"):
-            log.warning("3DSAM-adapter was trained on CT; this volume is %s.", volume.modality)
-        return open_volumetric_session(volume, model, axis, dataset=choice.spec.dataset,
-                                       device=select_device(self.device))
 
 
 def adapter_summary(choice: EngineChoice) -> dict | None:
