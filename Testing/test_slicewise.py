@@ -17,7 +17,7 @@ from SAM3DSegmentLib.engines.slicewise import (
     mask_box,
     project_prompt,
 )
-from SAM3DSegmentLib.errors import InputError, PropagationCancelled
+from SAM3DSegmentLib.errors import InputError, PromptError, PropagationCancelled
 
 
 class ReferenceMaskPredictor:
@@ -320,3 +320,16 @@ def test_empty_anchor_prediction_is_reported_not_propagated():
     assert not preview.mask.any()
     result = session.propagate(1, STOP)
     assert not result.mask.any() and "empty mask" in result.stop_reasons["2+1"]
+
+
+def test_a_refused_first_prompt_leaves_no_object_behind():
+    volume, reference = moving_ellipse()
+    session = SlicewiseSession(volume, 0, ReferenceMaskPredictor(reference))
+    with pytest.raises(PromptError):
+        session.add_prompt(1, SlicePrompt(0, 10, points=(Point(1000.0, 1000.0),)))  # outside the slice
+    assert session.object_ids == []
+    session.add_prompt(1, click_on(reference, 10))
+    session.add_prompt(2, click_on(reference, 12))
+    with pytest.raises(PromptError):
+        session.add_prompt(1, SlicePrompt(0, 11, points=(Point(1000.0, 1000.0),)))
+    assert 10 in session.anchors(1)  # an object that had prompts keeps them

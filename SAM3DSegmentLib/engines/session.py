@@ -275,7 +275,16 @@ class Session(ABC):
                 f"This session propagates along axis {self.axis}; the prompt is on axis {prompt.axis}. "
                 "Open a session on the prompt's axis."
             )
+        created = object_id not in self._objects
         state = self._objects.setdefault(object_id, _ObjectState())
+        try:
+            return self._add_to(object_id, state, prompt, replace_existing)
+        except BaseException:
+            if created:  # a refused first prompt leaves no empty object behind
+                del self._objects[object_id]
+            raise
+
+    def _add_to(self, object_id: int, state: "_ObjectState", prompt: SlicePrompt, replace_existing: bool) -> Preview:
         previous = state.anchors.get(prompt.index)
         refine = self.refines_propagated_slices or not prompt.has_positive_input
         if refine and previous is None and prompt.mask is None and state.mask is not None:
