@@ -6,6 +6,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from ..data.volume import Volume
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +84,21 @@ class TrainingProgress:
         self.stream.flush()
 
 
+def training_targets(args: argparse.Namespace) -> Iterator[tuple[str, Volume, np.ndarray]]:
+    """(case_target name, volume, target mask) of each target of the chosen cases, read as they are
+    used; an empty target is skipped with a warning."""
+    from ..evaluation.datasets import case_targets, load_case, open_dataset, select_cases, target_mask
+
+    for case in select_cases(open_dataset(args.data), args.cases):
+        volume, label = load_case(case)
+        for target in case_targets(case, label, args.targets):
+            reference = target_mask(case, label, target)
+            if not reference.any():
+                log.warning("%s: %s is empty, skipped.", case.name, target)
+                continue
+            yield f"{case.name}_{target}", volume, reference
+
+
 def run(args: argparse.Namespace) -> int:
     if args.engine == "volumetric":
         return run_volumetric(args)
@@ -84,7 +106,6 @@ def run(args: argparse.Namespace) -> int:
 
     from ..engines.choice import choose_engine
     from ..errors import InputError
-    from ..evaluation.datasets import case_targets, load_case, open_dataset, select_cases, target_mask
     from ..models.builders import build_model
     from ..models.checkpoint_cache import recorded_sha256, sha256_of
     from ..training.finetune import FinetuneConfig, finetune, write_adapter
@@ -105,16 +126,10 @@ def run(args: argparse.Namespace) -> int:
     sha = recorded_sha256(choice.checkpoint_path) or sha256_of(choice.checkpoint_path)
     model = build_model(choice.spec, choice.checkpoint_path, args.device)
     slices = []
-    for case in select_cases(open_dataset(args.data), args.cases):
-        volume, label = load_case(case)
-        for target in case_targets(case, label, args.targets):
-            reference = target_mask(case, label, target)
-            if not reference.any():
-                log.warning("%s: %s is empty, skipped.", case.name, target)
-                continue
-            slices += prepare_slices(model, choice.spec, volume, reference, name=f"{case.name}_{target}",
-                                     axis=args.axis, device=args.device, cache_dir=work / "embeddings",
-                                     base_sha256=sha, progress=progress)
+    for name, volume, reference in training_targets(args):
+        slices += prepare_slices(model, choice.spec, volume, reference, name=name, axis=args.axis,
+                                 device=args.device, cache_dir=work / "embeddings", base_sha256=sha,
+                                 progress=progress)
     if not slices:
         raise InputError(f"No target found in {args.data}: check --cases/--targets.")
     print(f"{len(slices)} training slices from {len({s.case for s in slices})} targets")
@@ -133,7 +148,6 @@ def run_volumetric(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..errors import InputError
-    from ..evaluation.datasets import case_targets, load_case, open_dataset, select_cases, target_mask
     from ..models.checkpoint_cache import recorded_sha256, sha256_of
     from ..models.devices import select_device
     from ..engines.choice import choose_engine
@@ -167,15 +181,8 @@ def run_volumetric(args: argparse.Namespace) -> int:
     device = select_device(args.device)
     model = build_model(choice.spec, path, device)  # sized as the file's tensors say
     sha = recorded_sha256(path) or sha256_of(path)
-    cases = []
-    for case in select_cases(open_dataset(args.data), args.cases):
-        volume, label = load_case(case)
-        for target in case_targets(case, label, args.targets):
-            reference = target_mask(case, label, target)
-            if not reference.any():
-                log.warning("%s: %s is empty, skipped.", case.name, target)
-                continue
-            cases.append(prepare_case(volume, reference, config, model.cfg.crop_size, name=f"{case.name}_{target}"))
+    cases = [prepare_case(volume, reference, config, model.cfg.crop_size, name=name)
+             for name, volume, reference in training_targets(args)]
     if not cases:
         raise InputError(f"No target found in {args.data}: check --cases/--targets.")
     print(f"{len(cases)} training targets; {config.crops_per_case} crops of {model.cfg.crop_size}^3 each per epoch")

@@ -10,7 +10,8 @@ stopping and resumable checkpoints, and writes a small adapter file
 ``volumetric_finetune`` trains a 3DSAM-adapter checkpoint's adapters, click encoder and 3D
 decoder (SAM's ViT frozen, the authors' rule) on crops around each target, prepared as the
 volumetric engine prepares a volume; its adapter is loaded by
-``open_volumetric_session(adapter=...)``.
+``open_volumetric_session(adapter=...)``. ``epochs`` holds the epoch loop both share (best
+epoch, early stop, time limit, progress, resumable checkpoints).
 
 This layer sits between ``engines`` and ``evaluation``: it may import ``errors``, ``data``,
 ``models`` and ``engines``, never ``evaluation``, ``serving`` or ``commands``.

@@ -11,22 +11,20 @@ epoch lets a stopped run resume. The result is saved as an adapter
 
 from __future__ import annotations
 
-import logging
-import os
-import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import CheckpointError, InputError
+from ..errors import InputError
 from ..models.adapters import save_adapter
 from ..models.registry import ModelSpec, get_spec
+from .epochs import CheckpointKind, EpochRecord, FinetuneResult, run_epochs  # noqa: F401 (EpochRecord: still importable here)
 from .slices import Progress, TrainingSlice
 
-log = logging.getLogger(__name__)
-
 CHECKPOINT_FORMAT = "sam3d-finetune-checkpoint-1"
+CHECKPOINT = CheckpointKind(CHECKPOINT_FORMAT, "`sam3d finetune`", "another base model or setting")
 
 
 @dataclass(frozen=True)
@@ -52,28 +50,6 @@ class FinetuneConfig:
             raise InputError("epochs, batch size, patience and learning rate must be positive.")
         if not 0.0 <= self.validation_fraction < 1.0:
             raise InputError(f"The validation fraction must be in [0, 1); got {self.validation_fraction}.")
-
-
-@dataclass
-class EpochRecord:
-    epoch: int
-    train_loss: float
-    validation_dice: float
-    seconds: float
-
-
-@dataclass
-class FinetuneResult:
-    """What a fine-tuning produced: the best trained tensors and how it went."""
-
-    state: dict
-    metadata: dict
-    history: list[EpochRecord] = field(default_factory=list)
-    best_epoch: int = 0
-    validation_dice_base: float = float("nan")
-    validation_dice: float = float("nan")
-    stopped: str = ""
-    seconds: float = 0.0
 
 
 def trained_names(model, train_prompt_encoder: bool) -> list[str]:
@@ -188,38 +164,15 @@ def finetune(
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(name in names)
     parameters = dict(model.named_parameters())
-    trained = [parameters[n] for n in names]
-    optimizer = torch.optim.AdamW(trained, lr=config.learning_rate, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW([parameters[n] for n in names], lr=config.learning_rate,
+                                  weight_decay=config.weight_decay)
     train, validation = split_slices(slices, config.validation_fraction, config.seed)
     padding = float(spec.box_padding)
-
-    def snapshot() -> dict:
-        return {n: parameters[n].detach().clone() for n in names}
-
-    model.eval()  # no dropout / batch norm in SAM's decoder; eval keeps the frozen encoder as it is
-    base_dice = validation_dice(model, validation, padding)
-    state = {"epoch": 0, "best_state": snapshot(), "best_dice": base_dice, "best_epoch": 0,
-             "bad_epochs": 0, "history": [], "seconds": 0.0}
-    if resume and checkpoint_path is not None and Path(checkpoint_path).is_file():
-        state = _load_checkpoint(checkpoint_path, config, base_sha256, names)
-        model.load_state_dict(state["trained"], strict=False)
-        optimizer.load_state_dict(state["optimizer"])
-        log.info("Resuming from %s after epoch %d.", checkpoint_path, state["epoch"])
     steps_per_epoch = int(np.ceil(len(train) / config.batch_size))
-    total_steps = steps_per_epoch * config.epochs
-    started = time.perf_counter() - state["seconds"]
-    stopped = "all epochs done"
-    for epoch in range(state["epoch"] + 1, config.epochs + 1):
-        if state["bad_epochs"] >= config.patience:
-            stopped = f"early stop: no better validation Dice for {config.patience} epochs"
-            break
-        if config.max_minutes is not None and time.perf_counter() - started > 60 * config.max_minutes:
-            stopped = f"time limit of {config.max_minutes:g} min"
-            break
+
+    def train_epoch(epoch: int) -> Iterator[float]:
         rng = np.random.default_rng([config.seed, epoch])
         order = rng.permutation(len(train))
-        losses = []
-        epoch_started = time.perf_counter()
         for step in range(steps_per_epoch):
             batch = [train[i] for i in order[step * config.batch_size: (step + 1) * config.batch_size]]
             logits, iou = decode(model, batch, model_boxes(batch, padding, config.box_jitter_px, rng),
@@ -229,72 +182,27 @@ def finetune(
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            losses.append(float(loss.detach()))
-            if progress is not None:
-                progress((epoch - 1) * steps_per_epoch + step + 1, total_steps,
-                         f"epoch {epoch}/{config.epochs} loss {np.mean(losses):.3f}")
-        dice = validation_dice(model, validation, padding) if validation else float("nan")
-        record = EpochRecord(epoch, float(np.mean(losses)), dice, time.perf_counter() - epoch_started)
-        state["history"].append(asdict(record))
-        better = not validation or not dice <= state["best_dice"]  # no validation: the last epoch is kept
-        if better:
-            state.update(best_state=snapshot(), best_dice=dice, best_epoch=epoch, bad_epochs=0)
-        else:
-            state["bad_epochs"] += 1
-        state["epoch"] = epoch
-        state["seconds"] = time.perf_counter() - started
-        log.info("epoch %d: training loss %.4f, validation Dice %.4f", epoch, record.train_loss, dice)
-        if checkpoint_path is not None:
-            _save_checkpoint(checkpoint_path, state, snapshot(), optimizer, config, base_sha256)
-    model.load_state_dict(state["best_state"], strict=False)
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    seconds = time.perf_counter() - started
-    metadata = {
+            yield float(loss.detach())
+
+    model.eval()  # no dropout / batch norm in SAM's decoder; eval keeps the frozen encoder as it is
+    result = run_epochs(
+        model, names, optimizer, config, train_epoch=train_epoch,
+        validate=(lambda: validation_dice(model, validation, padding)) if validation else None,
+        steps_per_epoch=steps_per_epoch, kind=CHECKPOINT, base_sha256=base_sha256,
+        checkpoint_path=checkpoint_path, resume=resume, progress=progress,
+    )
+    result.metadata = {
         "base_model": spec.name, "family": spec.family, "base_sha256": base_sha256,
         "trained": sorted({n.split(".")[0] for n in names}), "settings": asdict(config),
-        "validation_dice": state["best_dice"], "validation_dice_base": base_dice,
-        "best_epoch": state["best_epoch"], "epochs_run": state["epoch"],
+        "validation_dice": result.validation_dice, "validation_dice_base": result.validation_dice_base,
+        "best_epoch": result.best_epoch, "epochs_run": len(result.history),
         "training_slices": len(train), "validation_slices": len(validation),
-        "cases": sorted({s.case for s in slices}), "training_seconds": round(seconds, 1),
+        "cases": sorted({s.case for s in slices}), "training_seconds": round(result.seconds, 1),
     }
-    return FinetuneResult(
-        state["best_state"], metadata, [EpochRecord(**h) for h in state["history"]], state["best_epoch"],
-        base_dice, state["best_dice"], stopped, seconds,
-    )
+    return result
 
 
 def write_adapter(path: str | Path, result: FinetuneResult) -> Path:
     """The adapter file of a fine-tuning: its trained tensors and metadata."""
     return save_adapter(path, result.state, result.metadata)
 
-
-def _save_checkpoint(path, state: dict, current: dict, optimizer, config: FinetuneConfig, base_sha256: str) -> None:
-    import torch
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "format": CHECKPOINT_FORMAT, "config": asdict(config), "base_sha256": base_sha256,
-        "trained": current, "optimizer": optimizer.state_dict(),
-        **{k: state[k] for k in ("epoch", "best_state", "best_dice", "best_epoch", "bad_epochs", "history", "seconds")},
-    }
-    partial = path.with_name(path.name + ".partial")
-    torch.save(payload, partial)
-    os.replace(partial, path)  # a run killed while writing keeps the previous checkpoint
-
-
-def _load_checkpoint(path, config: FinetuneConfig, base_sha256: str, names: list[str]) -> dict:
-    import torch
-
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"Training checkpoint {path} cannot be read ({type(exc).__name__}); start again without --resume.") from exc
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a `sam3d finetune` training checkpoint; start again without --resume.")
-    if payload["base_sha256"] != base_sha256 or sorted(payload["trained"]) != sorted(names):
-        raise CheckpointError(f"Training checkpoint {path} is from another base model or setting; start again without --resume.")
-    if payload["config"] != asdict(config):
-        log.warning("Resuming %s with other settings than it was started with.", path)
-    return payload

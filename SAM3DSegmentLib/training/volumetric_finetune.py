@@ -36,8 +36,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import os
-import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -47,15 +46,17 @@ import torch.nn.functional as F
 
 from ..data.volume import Volume
 from ..engines.volumetric import CropPlan, cut_crop, normalise, plan_crop, resample_to_spacing
-from ..errors import CheckpointError, InputError
+from ..errors import InputError
 from ..models.adapters import SAM3D_ADAPTER_FAMILY
 from ..models.sam3d_adapter import DATASET_INTENSITY, Sam3DAdapter, mark_trainable
-from .finetune import EpochRecord, FinetuneResult, split_slices
+from .epochs import EPOCH_MESSAGE, CheckpointKind, FinetuneResult, run_epochs
+from .finetune import split_slices
 from .slices import Progress
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "sam3d-volumetric-finetune-checkpoint-1"
+CHECKPOINT = CheckpointKind(CHECKPOINT_FORMAT, "`sam3d finetune --engine volumetric`", "another base checkpoint or model")
 UNUSED_PARTS = ("prompt_encoders.0.", "prompt_encoders.1.", "prompt_encoders.2.")
 """Prompt encoders a checkpoint stores but inference never calls (it uses the fourth)."""
 
@@ -278,10 +279,9 @@ def finetune_volumetric(
     model.to(device).eval()  # no dropout or batch norm: eval keeps the frozen parts as they are
     names = trained_names(model)
     parameters = dict(model.named_parameters())
-    trained = [parameters[n] for n in names]
     groups = [[parameters[n] for n in names if n.startswith(prefix)]
               for prefix in ("encoder.", "prompt_encoders.", "decoder.")]
-    optimizer = torch.optim.AdamW(trained, lr=config.learning_rate, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW([parameters[n] for n in names], lr=config.learning_rate, weight_decay=config.weight_decay)
     size = model.cfg.crop_size
     train, held_out = split_slices(cases, config.validation_fraction, config.seed)
     if config.validation_fraction <= 0:
@@ -291,37 +291,13 @@ def finetune_volumetric(
     else:
         how, validation = "by crop", validation_set(train, config.validation_crops, size, config.seed)
         log.warning("Fewer than 3 targets: validation crops come from the training volumes (an optimistic Dice).")
-
-    def snapshot() -> dict:
-        return {n: parameters[n].detach().clone() for n in names}
-
-    base_dice = validation_dice(model, validation, device)
-    state = {"epoch": 0, "best_state": snapshot(), "best_dice": base_dice, "best_epoch": 0,
-             "bad_epochs": 0, "history": [], "seconds": 0.0}
-    if resume and checkpoint_path is not None and Path(checkpoint_path).is_file():
-        state = _load_checkpoint(checkpoint_path, config, base_sha256, names)
-        model.load_state_dict(state["trained"], strict=False)
-        optimizer.load_state_dict(state["optimizer"])
-        log.info("Resuming from %s after epoch %d.", checkpoint_path, state["epoch"])
-    steps_per_epoch = len(train) * config.crops_per_case
-    total_steps = steps_per_epoch * config.epochs
     shift = config.shift(size)
-    started = time.perf_counter() - state["seconds"]
-    stopped = "all epochs done"
-    for epoch in range(state["epoch"] + 1, config.epochs + 1):
-        if validation and state["bad_epochs"] >= config.patience:
-            stopped = f"early stop: no better validation Dice for {config.patience} epochs"
-            break
-        if config.max_minutes is not None and time.perf_counter() - started > 60 * config.max_minutes:
-            stopped = f"time limit of {config.max_minutes:g} min"
-            break
+
+    def train_epoch(epoch: int) -> Iterator[float]:
         for group in optimizer.param_groups:
             group["lr"] = config.learning_rate_at(epoch)
         rng = np.random.default_rng([config.seed, epoch])
-        order = rng.permutation(np.repeat(np.arange(len(train)), config.crops_per_case))
-        losses = []
-        epoch_started = time.perf_counter()
-        for step, index in enumerate(order):
+        for index in rng.permutation(np.repeat(np.arange(len(train)), config.crops_per_case)):
             crop = sample_crop(train[index], size, rng, config.max_clicks, shift, config.flips)
             with recomputed_blocks(model, config.recompute_blocks):
                 loss = dice_ce_loss(crop_logits(model, crop, device), crop.target)
@@ -330,65 +306,23 @@ def finetune_volumetric(
             for group in groups:
                 torch.nn.utils.clip_grad_norm_(group, config.grad_clip)
             optimizer.step()
-            losses.append(float(loss.detach()))
-            if progress is not None:
-                progress((epoch - 1) * steps_per_epoch + step + 1, total_steps,
-                         f"epoch {epoch}/{config.epochs} loss {np.mean(losses):.3f}")
-        dice = validation_dice(model, validation, device)
-        record = EpochRecord(epoch, float(np.mean(losses)), dice, time.perf_counter() - epoch_started)
-        state["history"].append(asdict(record))
-        if not validation or not dice <= state["best_dice"]:  # no validation: the last epoch is kept
-            state.update(best_state=snapshot(), best_dice=dice, best_epoch=epoch, bad_epochs=0)
-        else:
-            state["bad_epochs"] += 1
-        state["epoch"] = epoch
-        state["seconds"] = time.perf_counter() - started
-        log.info("epoch %d: training loss %.4f, validation Dice %.4f (%.0f s)", epoch, record.train_loss, dice, record.seconds)
-        if checkpoint_path is not None:
-            _save_checkpoint(checkpoint_path, state, snapshot(), optimizer, config, base_sha256)
-    model.load_state_dict(state["best_state"], strict=False)
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    seconds = time.perf_counter() - started
-    metadata = {
+            yield float(loss.detach())
+
+    result = run_epochs(
+        model, names, optimizer, config, train_epoch=train_epoch,
+        validate=(lambda: validation_dice(model, validation, device)) if validation else None,
+        steps_per_epoch=len(train) * config.crops_per_case, kind=CHECKPOINT, base_sha256=base_sha256,
+        checkpoint_path=checkpoint_path, resume=resume, progress=progress,
+        epoch_message=EPOCH_MESSAGE + " ({seconds:.0f} s)",
+    )
+    result.metadata = {
         "base_model": f"3dsam_adapter_{config.dataset}", "family": SAM3D_ADAPTER_FAMILY,
         "base_sha256": base_sha256, "dataset": config.dataset, "model_config": asdict(model.cfg),
         "trained": sorted({".".join(n.split(".")[:2]) for n in names}), "settings": asdict(config),
-        "validation": how, "validation_dice": state["best_dice"], "validation_dice_base": base_dice,
-        "best_epoch": state["best_epoch"], "epochs_run": state["epoch"],
+        "validation": how, "validation_dice": result.validation_dice,
+        "validation_dice_base": result.validation_dice_base,
+        "best_epoch": result.best_epoch, "epochs_run": len(result.history),
         "training_targets": len(train), "validation_crops": len(validation),
-        "cases": sorted({c.name for c in cases}), "training_seconds": round(seconds, 1),
+        "cases": sorted({c.name for c in cases}), "training_seconds": round(result.seconds, 1),
     }
-    return FinetuneResult(
-        state["best_state"], metadata, [EpochRecord(**h) for h in state["history"]], state["best_epoch"],
-        base_dice, state["best_dice"], stopped, seconds,
-    )
-
-
-def _save_checkpoint(path, state: dict, current: dict, optimizer, config: VolumetricFinetuneConfig,
-                     base_sha256: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "format": CHECKPOINT_FORMAT, "config": asdict(config), "base_sha256": base_sha256,
-        "trained": {k: v.cpu() for k, v in current.items()}, "optimizer": optimizer.state_dict(),
-        **{k: state[k] for k in ("epoch", "best_dice", "best_epoch", "bad_epochs", "history", "seconds")},
-        "best_state": {k: v.cpu() for k, v in state["best_state"].items()},
-    }
-    partial = path.with_name(path.name + ".partial")
-    torch.save(payload, partial)
-    os.replace(partial, path)  # a run killed while writing keeps the previous checkpoint
-
-
-def _load_checkpoint(path, config: VolumetricFinetuneConfig, base_sha256: str, names: list[str]) -> dict:
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for damaged files
-        raise CheckpointError(f"Training checkpoint {path} cannot be read ({type(exc).__name__}); start again without --resume.") from exc
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a `sam3d finetune --engine volumetric` training checkpoint; start again without --resume.")
-    if payload["base_sha256"] != base_sha256 or sorted(payload["trained"]) != sorted(names):
-        raise CheckpointError(f"Training checkpoint {path} is from another base checkpoint or model; start again without --resume.")
-    if payload["config"] != asdict(config):
-        log.warning("Resuming %s with other settings than it was started with.", path)
-    return payload
+    return result
