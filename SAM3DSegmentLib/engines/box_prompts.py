@@ -21,9 +21,9 @@ Correction (clicks on a slice that already has a mask: an anchor or a propagated
 - ``region_box``: the weight-free region from the mask and the clicks, its box;
 - ``box_update``: the mask's box, grown to take in include clicks and cut back to leave out
   exclude clicks;
-- ``region_grow``: the box of the mask and the weight-free region together (an include click
-  never shrinks the slice's box), and an include click the model still leaves out adds the
-  region's part around it. Exclude clicks are the session's business
+- ``region_grow``: the box of the mask and, for include clicks outside the mask, the weight-free
+  region together (an include click never shrinks the slice's box; one inside the mask keeps
+  it), and an include click the model still leaves out adds the region's part around it. Exclude clicks are the session's business
   (:func:`~SAM3DSegmentLib.engines.click_edits.cut_excluded`).
 """
 

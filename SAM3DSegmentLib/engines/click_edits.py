@@ -145,10 +145,15 @@ def carried_exclusions(anchors: dict[int, SlicePrompt], index: int, volume_slice
     return SlicePrompt(axis=axis, index=index, points=tuple(points))
 
 
+def missed_clicks(mask: np.ndarray, prompt: SlicePrompt) -> list:
+    """The include clicks of ``prompt`` that ``mask`` leaves out."""
+    return [p for p in prompt.points if p.positive and not _inside(mask, p.row, p.col)]
+
+
 def added_around_clicks(mask: np.ndarray, region: np.ndarray, prompt: SlicePrompt) -> np.ndarray:
     """``mask`` with the part of ``region`` around each include click it leaves out."""
     mask = np.asarray(mask, dtype=bool)
-    missed = [p for p in prompt.points if p.positive and not _inside(mask, p.row, p.col) and _inside(region, p.row, p.col)]
+    missed = [p for p in missed_clicks(mask, prompt) if _inside(region, p.row, p.col)]
     if not missed:
         return mask
     labels, _ = ndimage.label(region)

@@ -52,7 +52,7 @@ from .box_prompts import (
     padded_box,
     updated_box,
 )
-from .click_edits import added_around_clicks
+from .click_edits import added_around_clicks, missed_clicks
 from .feature_cache import FeatureCache
 from .session import SliceMask
 from .slicewise import SlicewiseOptions, SlicewiseSession
@@ -284,11 +284,12 @@ class SamSlicePredictor:
         previous_logits = None
         if previous is not None and prompt.mask is previous.mask and isinstance(previous.extra, dict):
             previous_logits = previous.extra.get("low_res_logits")
-        grown = None  # region_grow: the weight-free region, to add what the model leaves out
-        if previous is None and self._grows_region(prompt):
-            grown = self.region_model().predict(index, prompt).mask
-            both = grown | np.asarray(prompt.mask, dtype=bool)
-            candidates = [as_box_prompt(prompt, bounding_box(both), keep_points=False)]
+        grows = previous is None and self._grows_region(prompt)
+        if grows:  # the box of mask and region together; clicks inside the mask need no region
+            given = np.asarray(prompt.mask, dtype=bool)
+            if missed_clicks(given, prompt):
+                given = given | self.region_model().predict(index, prompt).mask
+            candidates = [as_box_prompt(prompt, bounding_box(given), keep_points=False)]
         else:  # the user's own prompt (not a propagation step) may become several candidate boxes
             candidates = self.model_prompts(index, prompt) if previous is None else [prompt]
         try:
@@ -303,8 +304,9 @@ class SamSlicePredictor:
                 raise _out_of_memory(exc, self.device) from exc
             raise
         result.mask = self.view.from_view(result.mask)
-        if grown is not None:
-            result.mask = added_around_clicks(result.mask, grown, prompt)
+        if grows and missed_clicks(result.mask, prompt):
+            # an include click the model still leaves out: add the region's part around it
+            result.mask = added_around_clicks(result.mask, self.region_model().predict(index, prompt).mask, prompt)
         return result
 
     def _grows_region(self, prompt: SlicePrompt) -> bool:
