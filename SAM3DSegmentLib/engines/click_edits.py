@@ -1,9 +1,10 @@
 """What a click on one slice means beyond what a box-trained model can take from it.
 
 A model trained with boxes only (LiteMedSAM, MedSAM) does not see exclude clicks, and an include
-click on a slice the object was not found on becomes a box of whatever region it lands in. Two
-edits, used by :class:`~SAM3DSegmentLib.engines.slicewise.SlicewiseSession` when its options ask
-(chosen by measurement under the CVPR 2025 protocol, docs/litemedsam.md):
+click on a slice the object was not found on becomes a box of whatever region it lands in. The
+edits below do what such clicks mean; the sliding-window session and the SAM slice predictor use
+them when their options ask, which are the defaults for box-trained models (chosen by
+measurement under the CVPR 2025 protocol, docs/litemedsam.md):
 
 - :func:`cut_excluded`: an exclude click inside the mask removes the part of the mask around it.
   The click is taken as the centre of a wrong part of radius ``r`` (its distance to the mask's
