@@ -289,7 +289,7 @@ class SamSlicePredictor:
             given = np.asarray(prompt.mask, dtype=bool)
             if missed_clicks(given, prompt):
                 given = given | self.region_model().predict(index, prompt).mask
-            candidates = [as_box_prompt(prompt, bounding_box(given), keep_points=False)]
+            candidates = [as_box_prompt(prompt, margined_box(given, self.region_margin_fraction), keep_points=False)]
         else:  # the user's own prompt (not a propagation step) may become several candidate boxes
             candidates = self.model_prompts(index, prompt) if previous is None else [prompt]
         try:
@@ -347,11 +347,7 @@ class SamSlicePredictor:
 
     def _region_box(self, index: int, prompt: SlicePrompt, margin_fraction: float) -> Box | None:
         """The box of the weight-free region grown from the prompt, grown by a fraction of its size."""
-        region = self.region_model().predict(index, prompt).mask
-        if not region.any():
-            return None
-        extent = np.array([np.ptp(np.flatnonzero(region.any(axis=a))) + 1 for a in (1, 0)])
-        return bounding_box(region, tuple(margin_fraction * extent))
+        return margined_box(self.region_model().predict(index, prompt).mask, margin_fraction)
 
     def _mm_box(self, index: int, prompt: SlicePrompt, size_mm: float) -> Box | None:
         """A square of ``size_mm`` around the include clicks."""
@@ -436,6 +432,14 @@ class SamSlicePredictor:
     def close(self) -> None:
         """Drop the cached embeddings."""
         self.cache.clear()
+
+
+def margined_box(mask: np.ndarray, margin_fraction: float) -> Box | None:
+    """The mask's box grown on each side by ``margin_fraction`` of its extent (None if empty)."""
+    if not mask.any():
+        return None
+    extent = np.array([np.ptp(np.flatnonzero(mask.any(axis=a))) + 1 for a in (1, 0)])
+    return bounding_box(mask, tuple(margin_fraction * extent))
 
 
 def default_strategies(spec: ModelSpec) -> tuple[str, str]:
