@@ -467,6 +467,30 @@ class SAM3DSegmentTest(ScriptedLoadableModuleTest):
         self.setUp()
         self.test_effect_is_registered()
 
+    def _weightfree_missing(self, what: str) -> bool:
+        """Whether the server's weight-free engine lacks packages (then says so: the test is skipped)."""
+        missing = dependencies.missing(dependencies.requirements_for("weightfree"))
+        if missing:
+            self.delayDisplay(f"{what} skipped: the server's weight-free engine needs "
+                              f"{', '.join(r.pip for r in missing)} (SAM 3D module: 'Install dependencies').")
+        return bool(missing)
+
+    def _sample_scene(self, shape_kji):
+        """The synthetic lesion volume shown in the views and an empty 'lesion' segment on it."""
+        from SAM3DSegmentSlicerLogic.volume_nodes import add_volume_node
+
+        from SAM3DSegmentLib.data.sample_volume import make_sample
+
+        sample = make_sample(shape_kji=shape_kji)
+        volumeNode = add_volume_node(slicer.mrmlScene, sample.volume, "SAM3D sample")
+        volumeNode.CreateDefaultDisplayNodes()
+        slicer.util.setSliceViewerLayers(background=volumeNode, fit=True)
+        segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+        segmentationNode.CreateDefaultDisplayNodes()
+        segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+        lesion = segmentationNode.GetSegmentation().AddEmptySegment("lesion")
+        return sample, volumeNode, segmentationNode, lesion
+
     def test_prompt_and_propagate_with_the_weightfree_engine(self):
         """A synthetic CT with a lesion: one click, propagate on the SAM 3D server (weight-free engine),
         compare the segment with the truth. Slicer itself imports no model package (no torch, no
@@ -476,25 +500,12 @@ class SAM3DSegmentTest(ScriptedLoadableModuleTest):
         from SAM3DSegmentSlicerLogic.segment_writer import read_segment
         from SAM3DSegmentSlicerLogic.server_process import ServerSpec, shared_server_link
         from SAM3DSegmentSlicerLogic.session_factory import remote_session_factory
-        from SAM3DSegmentSlicerLogic.volume_nodes import add_volume_node
 
-        from SAM3DSegmentLib.data.sample_volume import make_sample
-
-        missing = dependencies.missing(dependencies.requirements_for("weightfree"))
-        if missing:
-            self.delayDisplay("Propagation test skipped: the server's weight-free engine needs "
-                              f"{', '.join(r.pip for r in missing)} (SAM 3D module: 'Install dependencies').")
+        if self._weightfree_missing("Propagation test"):
             return
 
         self.delayDisplay("Synthetic volume")
-        sample = make_sample(shape_kji=(20, 80, 96))
-        volumeNode = add_volume_node(slicer.mrmlScene, sample.volume, "SAM3D sample")
-        volumeNode.CreateDefaultDisplayNodes()
-        slicer.util.setSliceViewerLayers(background=volumeNode, fit=True)
-        segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
-        segmentationNode.CreateDefaultDisplayNodes()
-        segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
-        lesion = segmentationNode.GetSegmentation().AddEmptySegment("lesion")
+        sample, volumeNode, segmentationNode, lesion = self._sample_scene((20, 80, 96))
 
         self.delayDisplay("Start the SAM 3D server (weight-free engine)")
         spec = ServerSpec(engine="weightfree", device="cpu")
@@ -529,25 +540,13 @@ class SAM3DSegmentTest(ScriptedLoadableModuleTest):
         import numpy as np
         import vtk
         from SAM3DSegmentSlicerLogic.segment_writer import read_segment
-        from SAM3DSegmentSlicerLogic.volume_nodes import add_volume_node, volume_from_node
+        from SAM3DSegmentSlicerLogic.volume_nodes import volume_from_node
 
-        from SAM3DSegmentLib.data.sample_volume import make_sample
-
-        missing = dependencies.missing(dependencies.requirements_for('weightfree'))
-        if missing:
-            self.delayDisplay("Effect test skipped: the server's weight-free engine needs "
-                              f"{', '.join(r.pip for r in missing)} (SAM 3D module: 'Install dependencies').")
+        if self._weightfree_missing("Effect test"):
             return
 
         self.delayDisplay("Sample volume, segmentation and a Segment Editor with the SAM 3D effect")
-        sample = make_sample(shape_kji=(60, 80, 96))
-        volumeNode = add_volume_node(slicer.mrmlScene, sample.volume, "SAM3D sample")
-        volumeNode.CreateDefaultDisplayNodes()
-        slicer.util.setSliceViewerLayers(background=volumeNode, fit=True)
-        segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
-        segmentationNode.CreateDefaultDisplayNodes()
-        segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
-        lesion = segmentationNode.GetSegmentation().AddEmptySegment("lesion")
+        sample, volumeNode, segmentationNode, lesion = self._sample_scene((60, 80, 96))
         volume = volume_from_node(volumeNode)
         settingsNode = SAM3DSegmentLogic().getParameterNode()  # the settings the effect reads
         save_settings(PanelSettings(engine="weightfree", device="cpu"), settingsNode)

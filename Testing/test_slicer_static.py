@@ -250,10 +250,13 @@ def test_the_self_test_needs_no_model_package_in_slicer():
     source = _method_source("test_prompt_and_propagate_with_the_weightfree_engine", MODULE_SCRIPT, "SAM3DSegmentTest")
     assert "shared_server_link" in source and "remote_session_factory" in source and "job.poll()" in source
     assert "skimage" not in source and "session_factory_for" not in source
-    assert "requirements_for('weightfree')" in source  # skipped, saying why, when the server cannot run
+    # skipped, saying why, when the server cannot run
+    check = _method_source("_weightfree_missing", MODULE_SCRIPT, "SAM3DSegmentTest")
+    assert "requirements_for('weightfree')" in check and "delayDisplay" in check
+    assert "if self._weightfree_missing(" in source
     effect_test = _method_source("test_effect_click_propagate_undo_and_cancel", MODULE_SCRIPT, "SAM3DSegmentTest")
     assert "skimage" not in effect_test and "session_factory_for" not in effect_test
-    assert "requirements_for('weightfree')" in effect_test
+    assert "if self._weightfree_missing(" in effect_test
 
 
 def test_the_self_test_drives_the_effect_through_its_interaction_events():
