@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
+
+from .progress import TextProgress
 
 if TYPE_CHECKING:
     import numpy as np
@@ -68,20 +69,11 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(run=run)
 
 
-class TrainingProgress:
-    """A one-line text progress bar on stderr, with what is being done."""
-
-    def __init__(self, stream=None, width: int = 30):
-        self.stream = stream or sys.stderr
-        self.width = width
+class TrainingProgress(TextProgress):
+    """The training's progress bar, with what is being done."""
 
     def __call__(self, done: int, total: int, what: str) -> None:
-        total = max(total, 1)
-        filled = int(self.width * min(done, total) / total)
-        self.stream.write(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {done}/{total} {what}   ")
-        if done >= total:
-            self.stream.write("\n")
-        self.stream.flush()
+        self.show(done, total, what, finished=done >= total)
 
 
 def training_targets(args: argparse.Namespace) -> Iterator[tuple[str, Volume, np.ndarray]]:

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import InputError, PromptError
+from .progress import TextProgress
 
 AXES = {"k": 0, "j": 1, "i": 2, "0": 0, "1": 1, "2": 2}
 SEGMENTATION_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd")
@@ -203,21 +203,14 @@ def check_slice_range(slice_range, volume, axis: int):
     return int(first), int(last)
 
 
-class ProgressBar:
-    """A one-line text progress bar on stderr."""
+class ProgressBar(TextProgress):
+    """The propagation's progress bar: the slice being computed."""
 
     def __init__(self, stream=None, width: int = 30):
-        self.stream = stream or sys.stderr
-        self.width = width
+        super().__init__("propagating ", stream, width)
 
     def __call__(self, done: int, total: int, index: int) -> None:
-        total = max(total, 1)
-        filled = int(self.width * min(done, total) / total)
-        where = f"slice {index}" if index >= 0 else "done"
-        self.stream.write(f"\rpropagating [{'#' * filled}{'.' * (self.width - filled)}] {done}/{total} {where}   ")
-        if index < 0:
-            self.stream.write("\n")
-        self.stream.flush()
+        self.show(done, total, f"slice {index}" if index >= 0 else "done", finished=index < 0)
 
 
 def propagate(session, prompt, direction: str = "both", slice_range=None, component: str = "prompted",
