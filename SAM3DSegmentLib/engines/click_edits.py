@@ -26,6 +26,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..data.prompts import Box, SlicePrompt
+from ..data.volume import get_slice
 from .box_prompts import bounding_box, updated_box
 
 KEEP_FACTOR = 3.0
@@ -117,7 +118,7 @@ def neighbour_box(prompt: SlicePrompt, object_mask: np.ndarray | None, axis: int
     nearest = int(present[np.argmin(np.abs(present - prompt.index))])
     if abs(nearest - prompt.index) > max_gap:
         return None
-    neighbour = np.take(object_mask, nearest, axis=axis)
+    neighbour = get_slice(object_mask, axis, nearest)
     box = bounding_box(neighbour)
     return updated_box(box, prompt, neighbour.shape) if box is not None else None
 

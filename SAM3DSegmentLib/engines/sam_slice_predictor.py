@@ -285,10 +285,12 @@ class SamSlicePredictor:
         if previous is not None and prompt.mask is previous.mask and isinstance(previous.extra, dict):
             previous_logits = previous.extra.get("low_res_logits")
         grows = previous is None and self._grows_region(prompt)
+        region = None  # the weight-free region, computed once when a click needs it
         if grows:  # the box of mask and region together; clicks inside the mask need no region
             given = np.asarray(prompt.mask, dtype=bool)
             if missed_clicks(given, prompt):
-                given = given | self.region_model().predict(index, prompt).mask
+                region = self.region_model().predict(index, prompt).mask
+                given = given | region
             candidates = [as_box_prompt(prompt, margined_box(given, self.region_margin_fraction), keep_points=False)]
         else:  # the user's own prompt (not a propagation step) may become several candidate boxes
             candidates = self.model_prompts(index, prompt) if previous is None else [prompt]
@@ -306,7 +308,9 @@ class SamSlicePredictor:
         result.mask = self.view.from_view(result.mask)
         if grows and missed_clicks(result.mask, prompt):
             # an include click the model still leaves out: add the region's part around it
-            result.mask = added_around_clicks(result.mask, self.region_model().predict(index, prompt).mask, prompt)
+            if region is None:
+                region = self.region_model().predict(index, prompt).mask
+            result.mask = added_around_clicks(result.mask, region, prompt)
         return result
 
     def _grows_region(self, prompt: SlicePrompt) -> bool:
