@@ -6,7 +6,7 @@ import pytest
 
 from SAM3DSegmentLib.data.prompts import Box, Point, SlicePrompt
 from SAM3DSegmentLib.data.volume import Volume
-from SAM3DSegmentLib.engines.click_edits import cut_excluded, neighbour_box
+from SAM3DSegmentLib.engines.click_edits import cut_excluded, neighbour_box, within_region
 from SAM3DSegmentLib.engines.session import PropagationOptions, SliceMask, StopRule
 from SAM3DSegmentLib.engines.slicewise import SlicewiseOptions, SlicewiseSession
 from SAM3DSegmentLib.errors import InputError
@@ -81,6 +81,15 @@ def test_neighbour_box_is_the_nearest_object_slice_box_moved_to_the_click():
     assert neighbour_box(click, None, 0, max_gap=3) is None
 
 
+def test_a_neighbours_box_is_cut_to_the_clicks_region_where_that_holds_the_clicks():
+    box = Box(30, 20, 90, 80)
+    click = SlicePrompt(0, 8, points=(Point(60, 50, True),))
+    assert within_region(box, Box(50, 40, 70, 100), click) == Box(50, 40, 70, 80)
+    assert within_region(box, None, click) == box  # no region (the weight-free engine)
+    assert within_region(box, Box(62, 40, 70, 100), click) == box  # the click would fall outside
+    assert within_region(box, Box(0, 90, 10, 120), click) == box  # no overlap
+
+
 class LeakyBoxOnlyPredictor:
     """A test double (not a model) that behaves like a box-trained model: it ignores clicks'
     labels, answers a click alone with the whole bright-and-leak region it lands in plus a second
@@ -147,6 +156,20 @@ def test_an_include_click_next_to_the_object_continues_it_instead_of_taking_the_
         preview = session.add_prompt(1, SlicePrompt(0, 8, points=(Point(60, 50, True),)))
         assert bool(preview.mask[15, 140]) == organ_taken, setting
         assert preview.mask[60, 50]
+
+
+def test_the_session_cuts_the_neighbours_box_to_the_predictors_region_box():
+    """A predictor that grows regions (the SAM family) has its region's box cut the neighbour's
+    box: here the region box is a small box around the click."""
+    session = leaky_session(empty_slice_clicks="neighbour_box")
+    session.add_prompt(1, SlicePrompt(0, 5, box=Box(25, 15, 95, 120)))
+    session.propagate(1, PropagationOptions(stop=RULE.stop, slice_range=(4, 7)))
+    given = []
+    predict = session.predictor.predict
+    session.predictor.predict = lambda index, prompt, previous=None: given.append(prompt) or predict(index, prompt, previous)
+    session.predictor.region_box = lambda index, prompt: Box(40, 30, 80, 70)
+    session.add_prompt(1, SlicePrompt(0, 8, points=(Point(60, 50, True),)))
+    assert given[0].box == Box(40, 30, 80, 70) and given[0].points == ()
 
 
 def test_the_options_are_checked():

@@ -17,7 +17,8 @@ measurement under the CVPR 2025 protocol, docs/litemedsam.md):
   weight-free region around it (the ``region_grow`` correction of :mod:`box_prompts`).
 - :func:`neighbour_box`: an include click on an empty slice next to slices that hold the object
   becomes the nearest such slice's box, moved to take in the click (the object continues here),
-  instead of a box of the region the click lands in.
+  instead of a box of the region the click lands in; :func:`within_region` then cuts that box to
+  the region's box, where the model can grow one (the object tapers at its ends).
 """
 
 from __future__ import annotations
@@ -121,6 +122,18 @@ def neighbour_box(prompt: SlicePrompt, object_mask: np.ndarray | None, axis: int
     neighbour = get_slice(object_mask, axis, nearest)
     box = bounding_box(neighbour)
     return updated_box(box, prompt, neighbour.shape) if box is not None else None
+
+
+def within_region(box: Box, region_box: Box | None, prompt: SlicePrompt) -> Box:
+    """``box`` cut to ``region_box`` (the box of the region grown from the clicks) where the two
+    overlap around every include click, else ``box``: past the slices that hold it the object
+    tapers, so a neighbour's box is often too big (CVPR 2025 protocol, docs/litemedsam.md)."""
+    if region_box is None:
+        return box
+    r0, c0 = max(box.row0, region_box.row0), max(box.col0, region_box.col0)
+    r1, c1 = min(box.row1, region_box.row1), min(box.col1, region_box.col1)
+    holds = all(r0 <= p.row <= r1 and c0 <= p.col <= c1 for p in prompt.points if p.positive)
+    return Box(r0, c0, r1, c1) if r1 > r0 and c1 > c0 and holds else box
 
 
 def carried_exclusions(anchors: dict[int, SlicePrompt], index: int, volume_slice, reach: int,

@@ -298,7 +298,7 @@ class SamSlicePredictor:
         if grows:  # the box of mask and region together; clicks inside the mask need no region
             given = np.asarray(prompt.mask, dtype=bool)
             if missed_clicks(given, prompt):
-                region = self.region_model().predict(index, prompt).mask
+                region = self.click_region(index, prompt)
                 given = given | region
             candidates = [as_box_prompt(prompt, margined_box(given, self.region_margin_fraction), keep_points=False)]
         else:  # the user's own prompt (not a propagation step) may become several candidate boxes
@@ -318,7 +318,7 @@ class SamSlicePredictor:
         if grows and missed_clicks(result.mask, prompt):
             # an include click the model still leaves out: add the region's part around it
             if region is None:
-                region = self.region_model().predict(index, prompt).mask
+                region = self.click_region(index, prompt)
             result.mask = added_around_clicks(result.mask, region, prompt)
         return result
 
@@ -350,17 +350,23 @@ class SamSlicePredictor:
             start = bounding_box(np.asarray(prompt.mask, dtype=bool))
             return [as_box_prompt(prompt, start and updated_box(start, prompt, shape), keep_points=False)]
         if strategy == "best_box":
-            boxes = [self._region_box(index, prompt, BEST_BOX_REGION_MARGIN)]
+            boxes = [self.region_box(index, prompt, BEST_BOX_REGION_MARGIN)]
             boxes += [self._mm_box(index, prompt, size) for size in BEST_BOX_SIZES_MM]
             return [as_box_prompt(prompt, box, keep_points=False) for box in boxes if box is not None] or [prompt]
-        box = self._region_box(index, prompt, self.region_margin_fraction) if strategy != "mm_box" else None
+        box = self.region_box(index, prompt) if strategy != "mm_box" else None
         if box is None:  # mm_box, or a region that came out empty
             box = self._mm_box(index, prompt, self.click_box_mm)
         return [as_box_prompt(prompt, box, keep_points=strategy == "region_box+points")]
 
-    def _region_box(self, index: int, prompt: SlicePrompt, margin_fraction: float) -> Box | None:
-        """The box of the weight-free region grown from the prompt, grown by a fraction of its size."""
-        return margined_box(self.region_model().predict(index, prompt).mask, margin_fraction)
+    def click_region(self, index: int, prompt: SlicePrompt) -> np.ndarray:
+        """The weight-free 2D region grown from the prompt's clicks (and mask) on slice ``index``."""
+        return self.region_model().predict(index, prompt).mask
+
+    def region_box(self, index: int, prompt: SlicePrompt, margin_fraction: float | None = None) -> Box | None:
+        """The box of :meth:`click_region`, grown by a fraction of its size (default
+        ``region_margin_fraction``); None when the region is empty."""
+        fraction = self.region_margin_fraction if margin_fraction is None else margin_fraction
+        return margined_box(self.click_region(index, prompt), fraction)
 
     def _mm_box(self, index: int, prompt: SlicePrompt, size_mm: float) -> Box | None:
         """A square of ``size_mm`` around the include clicks."""

@@ -25,7 +25,15 @@ from ..data.prompts import Box, Point, SlicePrompt
 from ..data.volume import Volume, get_slice
 from ..errors import InputError
 from .anchors import Run
-from .click_edits import CARRY_MM, CARRY_TOLERANCE, NEIGHBOUR_MAX_GAP, carried_exclusions, cut_excluded, neighbour_box
+from .click_edits import (
+    CARRY_MM,
+    CARRY_TOLERANCE,
+    NEIGHBOUR_MAX_GAP,
+    carried_exclusions,
+    cut_excluded,
+    neighbour_box,
+    within_region,
+)
 from .postprocess import ComponentChoice, fill_holes_2d, keep_component
 from .session import (
     CancelCheck,
@@ -81,7 +89,8 @@ class SlicewiseOptions:
     - ``exclude_clicks``: "model" (the predictor alone answers an exclude click) or "cut" (the
       part of the slice's mask around the click is then removed, :func:`click_edits.cut_excluded`).
     - ``empty_slice_clicks``: "as_given", or "neighbour_box" (include clicks on an empty slice next
-      to the object become the neighbour's box moved to the clicks, :func:`click_edits.neighbour_box`).
+      to the object become the neighbour's box moved to the clicks, :func:`click_edits.neighbour_box`,
+      cut to the box of the region grown from the clicks where the predictor grows one).
     """
 
     projection: Projection = "box"
@@ -228,6 +237,9 @@ class SlicewiseSession(Session):
             state = self._objects.get(object_id)
             box = neighbour_box(prompt, state.mask if state else None, self.axis, NEIGHBOUR_MAX_GAP)
             if box is not None:
+                region_box = getattr(self.predictor, "region_box", None)  # SAM-family predictors
+                if region_box is not None:
+                    box = within_region(box, region_box(prompt.index, prompt), prompt)
                 given = replace(prompt, box=box, points=())
         result = self._cleaned(self.predictor.predict(prompt.index, given, previous=None))
         if self.options.exclude_clicks == "cut" and any(not p.positive for p in prompt.points):
