@@ -189,7 +189,7 @@ def test_an_include_click_left_out_adds_the_regions_part_around_it():
     assert np.array_equal(added_around_clicks(OBJECT, OBJECT, clicks), OBJECT)  # not in the region: nothing
 
 
-def test_box_trained_models_get_the_click_edits_and_others_do_not():
+def test_box_trained_models_get_the_click_edits_and_the_tight_box_and_others_do_not():
     from SAM3DSegmentLib.data.sample_volume import make_sample
     from SAM3DSegmentLib.engines.sam_slice_predictor import open_sam_session
     from SAM3DSegmentLib.models.builders import build_model
@@ -197,10 +197,11 @@ def test_box_trained_models_get_the_click_edits_and_others_do_not():
     volume = make_sample(shape_kji=(4, 32, 32)).volume
     lite = open_sam_session(volume, 0, build_model("litemedsam", None, "cpu"), "litemedsam", device="cpu")
     assert (lite.options.exclude_clicks, lite.options.empty_slice_clicks) == ("cut", "neighbour_box")
-    assert lite.predictor.correction == "region_grow"
+    assert lite.options.tight_box and lite.predictor.correction == "region_grow"
     chosen = open_sam_session(volume, 0, build_model("litemedsam", None, "cpu"), "litemedsam", device="cpu",
                               exclude_clicks="model")
     assert chosen.options.exclude_clicks == "model" and chosen.options.empty_slice_clicks == "neighbour_box"
     sam = open_sam_session(volume, 0, build_model("sam_vit_b", None, "cpu"), "sam_vit_b", device="cpu")
     assert (sam.options.exclude_clicks, sam.options.empty_slice_clicks) == ("model", "as_given")
+    assert not sam.options.tight_box
     assert sam.predictor.correction == "points+mask"

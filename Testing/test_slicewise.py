@@ -333,3 +333,44 @@ def test_a_refused_first_prompt_leaves_no_object_behind():
     with pytest.raises(PromptError):
         session.add_prompt(1, SlicePrompt(0, 11, points=(Point(1000.0, 1000.0),)))
     assert 10 in session.anchors(1)  # an object that had prompts keeps them
+
+
+class FilledBoxPredictor:
+    """A test double (not a model) that fills whatever box it is given, as a box-trained model
+    does next to tissue like the object's; its score is ``loose_score`` for boxes more than two
+    pixels wider than the previous mask, 0.9 otherwise."""
+
+    name = "filled-box"
+    slices_encoded = 0
+
+    def __init__(self, loose_score: float):
+        self.loose_score = loose_score
+
+    def predict(self, index, prompt, previous=None):
+        mask = np.zeros((64, 64), bool)
+        b = prompt.box
+        mask[int(b.row0): int(b.row1) + 1, int(b.col0): int(b.col1) + 1] = True
+        loose = previous is not None and mask.sum(axis=1).max() > previous.mask.sum(axis=1).max() + 2
+        return SliceMask(mask, self.loose_score if loose else 0.9, 0.9)
+
+
+@pytest.mark.parametrize("tight_box, loose_score, growth", [(False, 0.9, "margin"), (True, 0.9, "one pixel"),
+                                                            (True, 0.91, "one pixel"), (True, 0.95, "margin")])
+def test_tight_box_keeps_the_tight_mask_unless_the_loose_box_scores_clearly_higher(tight_box, loose_score, growth):
+    rule = PropagationOptions(stop=StopRule(min_area=1, min_score=None, min_likeness=None, patience=1),
+                              slice_range=(10, 11))
+    session = SlicewiseSession(Volume(np.zeros((16, 64, 64), np.float32)), 0, FilledBoxPredictor(loose_score),
+                               SlicewiseOptions(box_margin_pixels=3.0, box_margin_fraction=0.05, tight_box=tight_box))
+    session.add_prompt(1, SlicePrompt(0, 10, box=Box(20, 20, 39, 39)))  # 20 px wide
+    width = session.propagate(1, rule).mask[11].sum(axis=1).max()
+    assert width == (22 if growth == "one pixel" else 28)  # 20 + 2 x 1, or 20 + 2 x (3 + 5 % of 20)
+
+
+def test_tight_box_is_not_used_between_two_anchors_that_hold_the_object():
+    rule = PropagationOptions(stop=StopRule(min_area=1, min_score=None, min_likeness=None, patience=1),
+                              slice_range=(10, 13))
+    session = SlicewiseSession(Volume(np.zeros((16, 64, 64), np.float32)), 0, FilledBoxPredictor(0.9),
+                               SlicewiseOptions(box_margin_pixels=3.0, box_margin_fraction=0.05, tight_box=True))
+    session.add_prompt(1, SlicePrompt(0, 10, box=Box(20, 20, 39, 39)))
+    session.add_prompt(1, SlicePrompt(0, 13, box=Box(20, 20, 39, 39)))
+    assert session.propagate(1, rule).mask[11].sum(axis=1).max() == 28  # the margin, not one pixel

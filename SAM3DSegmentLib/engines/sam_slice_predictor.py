@@ -469,10 +469,11 @@ def default_strategies(spec: ModelSpec) -> tuple[str, str]:
     return "region_box", "region_grow"
 
 
-BOX_TRAINED_CLICK_EDITS = {"exclude_clicks": "cut", "empty_slice_clicks": "neighbour_box"}
-"""Session options a box-trained model gets unless given (:mod:`click_edits`; measured under the
-CVPR 2025 protocol, docs/litemedsam.md): the model cannot take exclude clicks, nor a lone click
-next to the object."""
+BOX_TRAINED_OPTIONS = {"exclude_clicks": "cut", "empty_slice_clicks": "neighbour_box", "tight_box": True}
+"""Session options a box-trained model gets unless given (measured in docs/litemedsam.md): the
+click edits of :mod:`click_edits` (the model cannot take exclude clicks, nor a lone click next to
+the object), and ``tight_box`` in propagation (it fills a loose box with the tissue next to the
+object)."""
 
 
 def open_sam_session(
@@ -509,7 +510,7 @@ def open_sam_session(
     if options is not None and option_fields:
         raise InputError("Give either options=SlicewiseOptions(...) or option fields by name, not both.")
     if options is None and "points" not in spec.trained_prompts:
-        option_fields = {**BOX_TRAINED_CLICK_EDITS, **option_fields}
+        option_fields = {**BOX_TRAINED_OPTIONS, **option_fields}
     options = options or SlicewiseOptions(**option_fields)
     torch_device = select_device(device)
     if model is None:

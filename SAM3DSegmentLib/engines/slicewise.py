@@ -54,6 +54,13 @@ Projection = Literal["box", "mask", "box+mask", "points", "points+mask", "point"
 PROJECTIONS: tuple[str, ...] = ("box", "mask", "box+mask", "points", "points+mask", "point")
 ExcludeClicks = Literal["model", "cut"]
 EmptySliceClicks = Literal["as_given", "neighbour_box"]
+EMPTY_MASK_ENDS = StopRule(min_area=1, min_score=None, min_stability=None, min_overlap=None, min_likeness=None,
+                           patience=1)
+"""The stop rule between two anchors that hold the object: only an empty mask ends a run."""
+TIGHT_BOX_MARGIN_PX = 1.0
+"""The margin of ``tight_box``'s second box, in pixels."""
+TIGHT_BOX_PREFERENCE = 0.02
+"""The score by which the margined box must beat the tight one to be kept (``tight_box``)."""
 
 
 @runtime_checkable
@@ -91,6 +98,11 @@ class SlicewiseOptions:
     - ``empty_slice_clicks``: "as_given", or "neighbour_box" (include clicks on an empty slice next
       to the object become the neighbour's box moved to the clicks, :func:`click_edits.neighbour_box`,
       cut to the box of the region grown from the clicks where the predictor grows one).
+    - ``tight_box``: with a box projection, also decode the previous mask's box grown by
+      :data:`TIGHT_BOX_MARGIN_PX` only, and keep that mask unless the margined box's score is
+      higher by :data:`TIGHT_BOX_PREFERENCE` (a box-trained model fills a loose box with the
+      tissue next to the object; measured in docs/litemedsam.md). One more decoder run per slice.
+      Not between two anchors that hold the object: it may grow on the way.
     """
 
     projection: Projection = "box"
@@ -103,6 +115,7 @@ class SlicewiseOptions:
     keep_component: ComponentChoice = "none"
     exclude_clicks: ExcludeClicks = "model"
     empty_slice_clicks: EmptySliceClicks = "as_given"
+    tight_box: bool = False
 
     def __post_init__(self) -> None:
         if self.projection not in PROJECTIONS:
@@ -262,15 +275,15 @@ class SlicewiseSession(Session):
             if not source.mask.any():
                 reasons[key] = f"anchor slice {run.start} has an empty mask; nothing to propagate"
                 continue
-            rule = options.stop if run.toward is None else self._between_anchors_rule(object_id, run, options.stop)
+            between = self._between_filled_anchors(object_id, run)
+            rule = EMPTY_MASK_ENDS if between else options.stop
             tracker = StopTracker(rule)
             tissue = None
             if rule.min_likeness is not None:
                 tissue = IntensityRange.of(get_slice(self.volume.array, self.axis, run.start), source.mask)
             for index in run.slices:
                 tick(index)
-                prompt = project_prompt(source.mask, self.axis, index, self.options)
-                result = self._cleaned(self.predictor.predict(index, prompt, previous=source))
+                result = self._next_slice(index, source, tight_box=self.options.tight_box and not between)
                 if self.options.exclude_clicks == "cut":
                     result = self._with_carried_exclusions(object_id, index, result)
                 likeness = None if tissue is None else tissue.likeness(get_slice(self.volume.array, self.axis, index), result.mask)
@@ -285,6 +298,17 @@ class SlicewiseSession(Session):
                     reasons[key] = tracker.reason or reason
                     break
         return RunsOutput(masks, reasons)
+
+    def _next_slice(self, index: int, source: SliceMask, tight_box: bool) -> SliceMask:
+        """The predictor's mask on slice ``index`` prompted from ``source``, the previous slice's."""
+        prompt = project_prompt(source.mask, self.axis, index, self.options)
+        result = self._cleaned(self.predictor.predict(index, prompt, previous=source))
+        if not (tight_box and prompt.box is not None):
+            return result
+        tight = replace(self.options, box_margin_pixels=TIGHT_BOX_MARGIN_PX, box_margin_fraction=0.0)
+        other = self._cleaned(self.predictor.predict(index, project_prompt(source.mask, self.axis, index, tight),
+                                                     previous=source))
+        return other if other.score > result.score - TIGHT_BOX_PREFERENCE else result
 
     def _with_carried_exclusions(self, object_id: int, index: int, result: SliceMask) -> SliceMask:
         """``result`` cut by the exclude clicks of nearby anchors that carry onto this slice."""
@@ -303,13 +327,12 @@ class SlicewiseSession(Session):
         image = get_slice(self.volume.array, self.axis, index)
         return SliceMask(cut_excluded(result.mask, image, carried), result.score, result.stability, result.extra)
 
-    def _between_anchors_rule(self, object_id: int, run: Run, rule: StopRule) -> StopRule:
-        """Between two anchors that both hold the object it is there on every slice: only an empty
-        mask ends a run (a click on a slice the object barely touches must not leave a gap). Toward
-        an anchor the user left empty the object ends on the way, so the full rule applies."""
-        if not self.anchor_result(object_id, run.toward).mask.any():
-            return rule
-        return StopRule(min_area=1, min_score=None, min_stability=None, min_overlap=None, min_likeness=None, patience=1)
+    def _between_filled_anchors(self, object_id: int, run: Run) -> bool:
+        """Whether ``run`` goes toward another anchor that holds the object. The object is then
+        there on every slice between them, and may grow on the way: only an empty mask ends such
+        a run (a click on a slice the object barely touches must not leave a gap), and it gets no
+        ``tight_box``. Toward an anchor the user left empty the object ends on the way."""
+        return run.toward is not None and bool(self.anchor_result(object_id, run.toward).mask.any())
 
     def propagate(
         self,
