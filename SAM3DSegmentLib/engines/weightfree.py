@@ -47,8 +47,6 @@ from .session import SliceMask
 log = logging.getLogger(__name__)
 
 FOREGROUND, BACKGROUND = 1, 2
-
-
 SEED_PAD = 2
 """Pixels around the ROI the seeds are computed on (the erosion of the unlike pixels reaches two)."""
 
