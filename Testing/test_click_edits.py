@@ -6,7 +6,7 @@ import pytest
 
 from SAM3DSegmentLib.data.prompts import Box, Point, SlicePrompt
 from SAM3DSegmentLib.data.volume import Volume
-from SAM3DSegmentLib.engines.click_edits import cut_excluded, neighbour_box, within_region
+from SAM3DSegmentLib.engines.click_edits import carried_exclusions, cut_excluded, neighbour_box, within_region
 from SAM3DSegmentLib.engines.session import PropagationOptions, SliceMask, StopRule
 from SAM3DSegmentLib.engines.slicewise import SlicewiseOptions, SlicewiseSession
 from SAM3DSegmentLib.errors import InputError
@@ -79,6 +79,23 @@ def test_neighbour_box_is_the_nearest_object_slice_box_moved_to_the_click():
     with_box = SlicePrompt(0, 8, points=(Point(60, 50, True),), box=Box(40, 40, 70, 70))
     assert neighbour_box(with_box, mask, 0, max_gap=3) is None
     assert neighbour_box(click, None, 0, max_gap=3) is None
+
+
+def test_an_exclude_click_carries_where_it_is_no_deeper_inside_the_mask_than_on_its_own_slice():
+    """On slice 5 the click sits in the leak, 15 px from the mask's edge. Slice 6 with the same
+    mask takes it; on slice 7 the mask is a large organ around the click (40 px deep): there the
+    click is on the object and does not carry."""
+    click = Point(60, 100, False)
+    anchors = {5: SlicePrompt(0, 5, points=(click,), mask=OBJECT | LEAK)}
+    image = slice_image()
+    organ = (ROWS - 60) ** 2 + (COLS - 100) ** 2 < 40 ** 2
+
+    def carried(index, mask):
+        return carried_exclusions(anchors, index, lambda k: image, reach=3, tolerance=1.0, mask=mask)
+
+    assert carried(6, OBJECT | LEAK).points == (click,)
+    assert carried(7, organ) is None
+    assert carried(9, OBJECT | LEAK) is None  # beyond the reach
 
 
 def test_a_neighbours_box_is_cut_to_the_clicks_region_where_that_holds_the_clicks():

@@ -37,7 +37,11 @@ NEIGHBOUR_MAX_GAP = 3
 CARRY_MM = 15.0
 """An exclude click also cuts the slices within this distance along the axis (where it carries)."""
 CARRY_TOLERANCE = 0.05
-"""... where the tissue under it differs by at most this share of the volume's 1-99 % intensity range."""
+"""... where the tissue under it differs by at most this share of the volume's 1-99 % intensity range,"""
+CARRY_DEPTH_FACTOR = 1.5
+"""... and where it lies at most this many times deeper inside the mask than on its own slice
+(or :data:`CARRY_MIN_DEPTH` pixels)."""
+CARRY_MIN_DEPTH = 2.0
 CROP_MARGIN = 4
 RANDOM_WALK_BETA = 130.0
 
@@ -136,11 +140,22 @@ def within_region(box: Box, region_box: Box | None, prompt: SlicePrompt) -> Box:
     return Box(r0, c0, r1, c1) if r1 > r0 and c1 > c0 and holds else box
 
 
+def _depth(mask: np.ndarray, row: int, col: int) -> float:
+    """The pixel's distance to the edge of ``mask`` (0 outside it)."""
+    mask = np.asarray(mask, dtype=bool)
+    if not _inside(mask, row, col):
+        return 0.0
+    return float(ndimage.distance_transform_edt(mask)[row, col])
+
+
 def carried_exclusions(anchors: dict[int, SlicePrompt], index: int, volume_slice, reach: int,
-                       tolerance: float) -> SlicePrompt | None:
+                       tolerance: float, mask: np.ndarray) -> SlicePrompt | None:
     """The exclude clicks of anchors at most ``reach`` slices from ``index``, carried onto slice
     ``index`` where the tissue under them looks the same (intensity within ``tolerance`` of the
     clicked pixel's): the wrong part a click removed usually goes on through the next slices.
+    Not where the click lies deeper inside ``mask`` (this slice's) than
+    :data:`CARRY_DEPTH_FACTOR` times its depth in the mask it joined on its own slice: there it
+    is on the object (a click on a box's slice joined no mask and carries by intensity alone).
     ``volume_slice(k)`` gives slice k's intensities. None when no click carries."""
     here = None
     points = []
@@ -152,7 +167,10 @@ def carried_exclusions(anchors: dict[int, SlicePrompt], index: int, volume_slice
                 continue
             here = volume_slice(index) if here is None else here
             r, c = int(round(p.row)), int(round(p.col))
-            if abs(float(here[r, c]) - float(volume_slice(k)[r, c])) <= tolerance:
+            if abs(float(here[r, c]) - float(volume_slice(k)[r, c])) > tolerance:
+                continue
+            deepest = None if prompt.mask is None else max(CARRY_MIN_DEPTH, CARRY_DEPTH_FACTOR * _depth(prompt.mask, r, c))
+            if deepest is None or _depth(mask, r, c) <= deepest:
                 points.append(p)
     if not points:
         return None

@@ -321,7 +321,8 @@ class SlicewiseSession(Session):
         spacing = float(self.volume.spacing_kji[self.axis])
         reach = max(1, int(round(CARRY_MM / spacing)))
         carried = carried_exclusions(self._object(object_id).anchors, index,
-                                     lambda k: get_slice(self.volume.array, self.axis, k), reach, self._carry_tolerance)
+                                     lambda k: get_slice(self.volume.array, self.axis, k), reach, self._carry_tolerance,
+                                     result.mask)
         if carried is None:
             return result
         image = get_slice(self.volume.array, self.axis, index)
