@@ -12,7 +12,8 @@ measurement under the CVPR 2025 protocol, docs/litemedsam.md):
   mask's reach from it, so a slice is never emptied: the click may sit in a hole the model
   filled), and the include clicks, are kept as the object; a random walk on the slice's
   intensities decides the pixels in between. :func:`carried_exclusions` carries the click onto
-  the slices propagated near it, where the tissue under it looks the same.
+  the slices propagated near it, where the tissue under it looks the same and it lies no deeper
+  inside the mask than on its own slice (deeper, it is on the object there).
 - :func:`added_around_clicks`: an include click the model still leaves out adds the part of the
   weight-free region around it (the ``region_grow`` correction of :mod:`box_prompts`).
 - :func:`neighbour_box`: an include click on an empty slice next to slices that hold the object
