@@ -141,12 +141,9 @@ def within_region(box: Box, region_box: Box | None, prompt: SlicePrompt) -> Box:
     return Box(r0, c0, r1, c1) if r1 > r0 and c1 > c0 and holds else box
 
 
-def _depth(mask: np.ndarray, row: int, col: int) -> float:
-    """The pixel's distance to the edge of ``mask`` (0 outside it)."""
-    mask = np.asarray(mask, dtype=bool)
-    if not _inside(mask, row, col):
-        return 0.0
-    return float(ndimage.distance_transform_edt(mask)[row, col])
+def _depth(mask: np.ndarray) -> np.ndarray:
+    """Each pixel's distance to the edge of ``mask`` (0 outside it)."""
+    return ndimage.distance_transform_edt(np.asarray(mask, dtype=bool))
 
 
 def carried_exclusions(anchors: dict[int, SlicePrompt], index: int, volume_slice, reach: int,
@@ -158,7 +155,7 @@ def carried_exclusions(anchors: dict[int, SlicePrompt], index: int, volume_slice
     :data:`CARRY_DEPTH_FACTOR` times its depth in the mask it joined on its own slice: there it
     is on the object (a click on a box's slice joined no mask and carries by intensity alone).
     ``volume_slice(k)`` gives slice k's intensities. None when no click carries."""
-    here = None
+    here = depth_here = None
     points = []
     for k, prompt in anchors.items():
         if k == index or abs(k - index) > reach:
@@ -170,9 +167,11 @@ def carried_exclusions(anchors: dict[int, SlicePrompt], index: int, volume_slice
             r, c = int(round(p.row)), int(round(p.col))
             if abs(float(here[r, c]) - float(volume_slice(k)[r, c])) > tolerance:
                 continue
-            deepest = None if prompt.mask is None else max(CARRY_MIN_DEPTH, CARRY_DEPTH_FACTOR * _depth(prompt.mask, r, c))
-            if deepest is None or _depth(mask, r, c) <= deepest:
-                points.append(p)
+            if prompt.mask is not None:
+                depth_here = _depth(mask) if depth_here is None else depth_here
+                if depth_here[r, c] > max(CARRY_MIN_DEPTH, CARRY_DEPTH_FACTOR * _depth(prompt.mask)[r, c]):
+                    continue
+            points.append(p)
     if not points:
         return None
     axis = next(iter(anchors.values())).axis

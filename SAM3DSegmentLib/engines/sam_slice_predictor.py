@@ -164,7 +164,6 @@ class SamSlicePredictor:
         self.click_start = click_start or defaults[0]
         self.correction = correction or defaults[1]
         check_strategies(self.click_start, self.correction)
-        self.box_trained = "points" not in self.spec.trained_prompts
         self.click_box_mm = click_box_mm
         self.region_margin_fraction = region_margin_fraction
         self._region_model = None
@@ -282,7 +281,7 @@ class SamSlicePredictor:
         torch = _torch()
         if not (prompt.points or prompt.box is not None or prompt.mask is not None):
             raise PromptError("SAM needs a click, a box or a mask on the slice.")
-        if previous is None and prompt.box is not None and prompt.points and self.box_trained:
+        if previous is None and prompt.box is not None and prompt.points and box_trained(self.spec):
             # a box-trained model given clicks beside its box answers worse than to the box alone
             # (ct_spleen_msd08: one include click took the box slice from 11685 px to 7775):
             # the box's mask, then the clicks as corrections of it
@@ -461,10 +460,15 @@ def margined_box(mask: np.ndarray, margin_fraction: float) -> Box | None:
     return bounding_box(mask, tuple(margin_fraction * extent))
 
 
+def box_trained(spec: ModelSpec) -> bool:
+    """Whether the model was trained without point prompts (LiteMedSAM, MedSAM)."""
+    return "points" not in spec.trained_prompts
+
+
 def default_strategies(spec: ModelSpec) -> tuple[str, str]:
     """(click start, correction) for a model: SAM's own for point-trained models, boxes otherwise
     (measured best for LiteMedSAM on the 20 shared targets, docs/litemedsam.md)."""
-    if "points" in spec.trained_prompts:
+    if not box_trained(spec):
         return "point", "points+mask"
     return "region_box", "region_grow"
 
@@ -509,7 +513,7 @@ def open_sam_session(
         )
     if options is not None and option_fields:
         raise InputError("Give either options=SlicewiseOptions(...) or option fields by name, not both.")
-    if options is None and "points" not in spec.trained_prompts:
+    if options is None and box_trained(spec):
         option_fields = {**BOX_TRAINED_OPTIONS, **option_fields}
     options = options or SlicewiseOptions(**option_fields)
     torch_device = select_device(device)

@@ -305,9 +305,8 @@ class SlicewiseSession(Session):
         result = self._cleaned(self.predictor.predict(index, prompt, previous=source))
         if not (tight_box and prompt.box is not None):
             return result
-        tight = replace(self.options, box_margin_pixels=TIGHT_BOX_MARGIN_PX, box_margin_fraction=0.0)
-        other = self._cleaned(self.predictor.predict(index, project_prompt(source.mask, self.axis, index, tight),
-                                                     previous=source))
+        tight = replace(prompt, box=mask_box(source.mask, TIGHT_BOX_MARGIN_PX))
+        other = self._cleaned(self.predictor.predict(index, tight, previous=source))
         return other if other.score > result.score - TIGHT_BOX_PREFERENCE else result
 
     def _with_carried_exclusions(self, object_id: int, index: int, result: SliceMask) -> SliceMask:
