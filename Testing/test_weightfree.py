@@ -176,3 +176,48 @@ def test_kidney_on_real_ct(shared_data):
     session.add_prompt(1, SlicePrompt(0, k, points=(Point(row, col),)))
     result = session.propagate(1)
     assert dice(result.mask, truth) > 0.6
+
+
+# --- the two-label random walker (engines/random_walk.py) against skimage's -----------------------
+
+
+def noisy_disk_and_seeds(seed: int, rows: int = 60, cols: int = 80):
+    """A bright disk on a dark, noisy background; a few foreground seeds inside, background seeds
+    along the border and in a corner block."""
+    rng = np.random.default_rng(seed)
+    rr, cc = np.ogrid[:rows, :cols]
+    disk = (rr - rows / 2) ** 2 + (cc - cols / 2) ** 2 < (rows / 4) ** 2
+    image = (np.where(disk, 180.0, 60.0) + rng.normal(0, 2, (rows, cols))).astype(np.float32)
+    seeds = np.zeros((rows, cols), dtype=np.int32)
+    seeds[rows // 2 - 2: rows // 2 + 3, cols // 2 - 2: cols // 2 + 3] = 1
+    seeds[0, :] = seeds[-1, :] = seeds[:, 0] = seeds[:, -1] = 2
+    seeds[:8, :8] = 2
+    return image, seeds
+
+
+@pytest.mark.parametrize("seed, spacing", [(0, (1.0, 1.0)), (1, (1.0, 2.5)), (2, (3.0, 1.0))])
+def test_foreground_probability_equals_skimage_random_walker(seed, spacing):
+    from skimage.segmentation import random_walker
+
+    from SAM3DSegmentLib.engines.random_walk import foreground_probability
+
+    image, seeds = noisy_disk_and_seeds(seed)
+    ours = foreground_probability(image, seeds, beta=130.0, spacing=spacing, tol=1e-3)
+    theirs = random_walker(image, seeds, beta=130.0, mode="cg_j", tol=1e-3, return_full_prob=True, spacing=spacing)[0]
+    assert ours.dtype == np.float32 and ours.shape == image.shape
+    np.testing.assert_allclose(ours, theirs, atol=1e-6)
+    assert np.array_equal(ours > 0.5, theirs > 0.5)
+    assert np.all(ours[seeds == 1] == 1) and np.all(ours[seeds == 2] == 0)
+    assert 0.12 < (ours > 0.5).mean() < 0.18  # the disk (0.147 of the image), not the seeds alone
+
+
+def test_foreground_probability_without_background_or_free_pixels():
+    from SAM3DSegmentLib.engines.random_walk import foreground_probability
+
+    image, seeds = noisy_disk_and_seeds(0)
+    only_foreground = np.where(seeds == 2, 0, seeds)
+    assert np.all(foreground_probability(image, only_foreground, 130.0) == 1)
+    all_seeded = np.where(seeds == 0, 2, seeds)
+    assert np.array_equal(foreground_probability(image, all_seeded, 130.0), (all_seeded == 1).astype(np.float32))
+    with pytest.raises(ValueError, match="same 2D shape"):
+        foreground_probability(image, seeds[:-1], 130.0)

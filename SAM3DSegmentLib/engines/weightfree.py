@@ -1,8 +1,8 @@
 """The weight-free 2D predictor: a random walker (Grady 2006) seeded from the prompt.
 
 No checkpoint is needed. On one slice, the prompt becomes seeds inside a region of interest (ROI)
-around it, and :func:`skimage.segmentation.random_walker` gives every other ROI pixel the
-probability of reaching a foreground seed first. The mask is where that probability exceeds 0.5.
+around it, and the random walker of :mod:`.random_walk` (skimage's graph and solver, for the
+foreground only) gives every other ROI pixel the probability of reaching a foreground seed first. The mask is where that probability exceeds 0.5.
 
 Seeds (all sizes are in millimetres and converted with the volume's in-plane spacing):
 
@@ -33,7 +33,6 @@ engine: the same propagation logic as SAM's slice-by-slice engine with a differe
 from __future__ import annotations
 
 import logging
-import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -42,11 +41,11 @@ from scipy import ndimage
 from ..data.intensity import WindowSpec, window_volume
 from ..data.prompts import Box, Point, SlicePrompt
 from ..data.volume import Volume, get_slice
+from .random_walk import BACKGROUND, FOREGROUND, foreground_probability
 from .session import SliceMask
 
 log = logging.getLogger(__name__)
 
-FOREGROUND, BACKGROUND = 1, 2
 SEED_PAD = 2
 """Pixels around the ROI the seeds are computed on (the erosion of the unlike pixels reaches two)."""
 
@@ -333,18 +332,10 @@ class RandomWalkerPredictor:
 
     def _random_walk(self, image: np.ndarray, seeds: np.ndarray) -> np.ndarray:
         """Probability of each ROI pixel of belonging to the foreground."""
-        from skimage.segmentation import random_walker
-
         if not np.any(seeds == BACKGROUND):
             return np.ones(seeds.shape, dtype=np.float32)
         if not np.any(seeds == 0):
             return (seeds == FOREGROUND).astype(np.float32)
         data = image if image.std() > 0 else image + np.random.default_rng(0).normal(0, 1e-3, image.shape)
         spacing = self.pixel_mm / self.pixel_mm.min()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # "probability range outside [0, 1]" by ~tol
-            probability = random_walker(
-                data, seeds, beta=self.options.beta, mode="cg_j", tol=1e-3,
-                return_full_prob=True, spacing=spacing,
-            )
-        return probability[0].astype(np.float32)
+        return foreground_probability(data, seeds, self.options.beta, spacing, tol=1e-3)
