@@ -6,7 +6,7 @@ from scipy import ndimage
 
 from SAM3DSegmentLib.data.prompts import Box, Point, SlicePrompt
 from SAM3DSegmentLib.data.volume import Volume, get_slice
-from SAM3DSegmentLib.engines.session import PropagationOptions, SliceMask, StopRule
+from SAM3DSegmentLib.engines.session import IntensityRange, PropagationOptions, SliceMask, StopRule
 from SAM3DSegmentLib.engines.slicewise import (
     PROJECTIONS,
     SlicePredictor,
@@ -374,3 +374,46 @@ def test_tight_box_is_not_used_between_two_anchors_that_hold_the_object():
     session.add_prompt(1, SlicePrompt(0, 10, box=Box(20, 20, 39, 39)))
     session.add_prompt(1, SlicePrompt(0, 13, box=Box(20, 20, 39, 39)))
     assert session.propagate(1, rule).mask[11].sum(axis=1).max() == 28  # the margin, not one pixel
+
+
+def anchor_and_brighter_slices() -> np.ndarray:
+    """12 slices; in rows/cols 20..39 a dark object (45..55) with a rim of every intensity 0..100
+    on slices 3..7, and from slice 8 on a brighter tissue (75..85), inside the object's range."""
+    image = np.zeros((12, 64, 64), np.float32)
+    inner = np.tile(np.linspace(45, 55, 16, dtype=np.float32), (16, 1))
+    rim = np.tile(np.linspace(0, 100, 20, dtype=np.float32), (20, 1))
+    for k in range(3, 8):
+        image[k, 20:40, 20:40] = rim
+        image[k, 22:38, 22:38] = inner
+    image[8:, 20:40, 20:40] = np.tile(np.linspace(75, 85, 20, dtype=np.float32), (20, 1))
+    return image
+
+
+def test_intensity_range_measures_the_median_shift_in_interquartile_ranges():
+    image = anchor_and_brighter_slices()
+    mask = np.zeros((64, 64), bool)
+    mask[20:40, 20:40] = True
+    tissue = IntensityRange.of(image[5], mask)
+    assert tissue.low < 0 and tissue.high > 100 and 45 <= tissue.median <= 55 and tissue.spread < 20
+    assert tissue.likeness(image[9], mask) == 1.0  # the brighter tissue is inside the range...
+    assert tissue.shift(image[9], mask) > 1.5  # ...but its median has moved by more than 1.5 IQRs
+    assert abs(tissue.shift(image[6], mask)) < 0.1
+    assert tissue.shift(image[9], np.zeros_like(mask)) is None
+
+
+@pytest.mark.parametrize("max_shift, last_slice", [(1.5, 7), (None, 11)])
+def test_the_stop_rule_ends_a_run_that_slides_onto_brighter_tissue_within_the_range(max_shift, last_slice):
+    session = SlicewiseSession(Volume(anchor_and_brighter_slices()), 0, FilledBoxPredictor(0.9),
+                               SlicewiseOptions(box_margin_pixels=0.0, box_margin_fraction=0.0))
+    session.add_prompt(1, SlicePrompt(0, 5, box=Box(20, 20, 39, 39)))
+    rule = StopRule(min_area=1, min_score=None, max_shift=max_shift, patience=1)
+    result = session.propagate(1, PropagationOptions(stop=rule, direction="forward"))
+    assert result.slices_with_object[-1] == last_slice
+    if max_shift is not None:
+        assert "median intensity" in result.stop_reasons["5+1"]
+
+
+@pytest.mark.parametrize("value", [0, -1.0, "1"])
+def test_stop_rule_rejects_a_max_shift_that_is_not_a_positive_number(value):
+    with pytest.raises(InputError, match="max_shift"):
+        StopRule(max_shift=value)

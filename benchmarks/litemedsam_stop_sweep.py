@@ -642,11 +642,13 @@ def verify(args) -> int:
 
     _threads()
     rule = StopRule(min_area=args.min_area, min_score=args.min_score, min_stability=args.min_stability,
-                    min_overlap=args.min_overlap, min_likeness=args.min_likeness, patience=args.patience)
+                    min_overlap=args.min_overlap, min_likeness=args.min_likeness, max_shift=args.max_shift,
+                    patience=args.patience)
     options = PropagationOptions(stop=rule)
     upstream = _upstream(Path(args.upstream))
     model = _model()
-    print(f"# Verify `{_rule_text(rule)}` (real engine, no slice range, box on the {args.start} slice)\n")
+    shift = "-" if rule.max_shift is None else f"{rule.max_shift:g}"
+    print(f"# Verify `{_rule_text(rule)}  shift {shift}` (real engine, no slice range, box on the {args.start} slice)\n")
     print("| case | target | object z | predicted z | Dice | NSD | HD95 mm | slices computed | encoded | s | "
           "upstream A | upstream B | stop |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
@@ -728,6 +730,8 @@ def main() -> int:
             p.add_argument("--min-stability", type=_optional_float, default=d.min_stability)
             p.add_argument("--min-overlap", type=_optional_float, default=d.min_overlap)
             p.add_argument("--min-likeness", type=_optional_float, default=d.min_likeness)
+            p.add_argument("--max-shift", type=_optional_float, default=d.max_shift,
+                           help="the median-shift test (interquartile ranges; not replayed by sweep)")
             p.add_argument("--patience", type=int, default=d.patience)
             p.add_argument("--csv", help="write the per-target rows here")
             p.add_argument("--start", choices=("largest", "middle"), default="largest",

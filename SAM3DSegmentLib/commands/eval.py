@@ -53,6 +53,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--min-overlap", type=float, help="stop rule: minimum Dice with the previous slice (negative: off)")
     parser.add_argument("--min-likeness", type=float,
                         help="stop rule: minimum fraction of the mask in the anchor's intensity range (negative: off)")
+    parser.add_argument("--max-shift", type=float,
+                        help="stop rule: largest distance of the mask's median intensity from the anchor's, in "
+                             "interquartile ranges of the anchor's intensities (negative: off)")
     parser.add_argument("--patience", type=int, help="stop rule: absent slices in a row before stopping")
     parser.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE",
                         help="an engine option, e.g. click_start=region_box, correction=box_update, "
@@ -153,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
     stop = {}
     if args.min_area is not None:
         stop["min_area"] = args.min_area
-    for name in ("min_score", "min_stability", "min_overlap", "min_likeness"):
+    for name in ("min_score", "min_stability", "min_overlap", "min_likeness", "max_shift"):
         value = getattr(args, name)
         if value is not None:
             stop[name] = None if value < 0 else value

@@ -279,15 +279,18 @@ class SlicewiseSession(Session):
             rule = EMPTY_MASK_ENDS if between else options.stop
             tracker = StopTracker(rule)
             tissue = None
-            if rule.min_likeness is not None:
+            if rule.uses_intensity:
                 tissue = IntensityRange.of(get_slice(self.volume.array, self.axis, run.start), source.mask)
             for index in run.slices:
                 tick(index)
                 result = self._next_slice(index, source, tight_box=self.options.tight_box and not between)
                 if self.options.exclude_clicks == "cut":
                     result = self._with_carried_exclusions(object_id, index, result)
-                likeness = None if tissue is None else tissue.likeness(get_slice(self.volume.array, self.axis, index), result.mask)
-                reason = rule.absent_reason(result.mask, result.score, result.stability, source.mask, likeness)
+                likeness = shift = None
+                if tissue is not None:
+                    image = get_slice(self.volume.array, self.axis, index)
+                    likeness, shift = tissue.likeness(image, result.mask), tissue.shift(image, result.mask)
+                reason = rule.absent_reason(result.mask, result.score, result.stability, source.mask, likeness, shift)
                 if reason is None:
                     masks[index] = result
                     source = result
