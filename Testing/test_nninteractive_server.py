@@ -81,9 +81,9 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tight(tmp_path_factory):
-    """One slot, a 1.5 s lease, a 1 s prediction budget and 12 MB images."""
+    """One slot, a 1.5 s lease, a 0.5 s prediction budget and 12 MB images."""
     running = start(tmp_path_factory, "tight", ["--engine", "weightfree", "--max-sessions", "1", "--lease", "1.5",
-                                                "--nninteractive-budget", "1", "--max-volume-mb", "12"])
+                                                "--nninteractive-budget", "0.5", "--max-volume-mb", "12"])
     yield running
     running.stop()
 
@@ -135,7 +135,8 @@ def connected(url: str, array: np.ndarray, spacing) -> tuple[nnInteractiveRemote
 
 
 def tube(slices: int = 300, size: int = 128) -> np.ndarray:
-    """A bright tube through every slice: seconds of weight-free propagation."""
+    """A bright tube through every slice: about 5 ms of weight-free propagation per 128 px slice
+    on a 2-core CPU."""
     rng = np.random.default_rng(1)
     array = rng.normal(-100, 15, (slices, size, size))
     rows, cols = np.mgrid[:size, :size]
@@ -296,7 +297,7 @@ def test_a_wrong_key_is_refused(server):
 
 
 def test_heartbeats_are_answered_during_a_long_prediction_and_release_writes_nothing(server):
-    array = tube(40)
+    array = tube(600)  # about 3 s of propagation
     session, target = connected(server.url, array, (2.0, 1.0, 1.0))
     k, j, i = (s // 2 for s in array.shape)
     errors = []
@@ -356,7 +357,7 @@ def test_too_large_images_get_413(tight):
 
 
 def test_a_prediction_over_budget_answers_with_the_slices_done(tight):
-    array = tube(200)
+    array = tube(360)  # 11.8 MB, about 1.7 s of propagation
     session, target = connected(tight.url, array, (2.0, 1.0, 1.0))
     k, j, i = (s // 2 for s in array.shape)
     with session:
@@ -364,9 +365,9 @@ def test_a_prediction_over_budget_answers_with_the_slices_done(tight):
         assert not target.any()
         started = time.monotonic()
         assert session._predict() is not None
-        assert time.monotonic() - started < 8  # a 1 s budget
+        assert time.monotonic() - started < 8  # a 0.5 s budget
         done = np.flatnonzero(target.any(axis=(1, 2)))
-        assert k in done and 1 < len(done) < 200  # the clicked slice and a run of slices next to it
+        assert k in done and 1 < len(done) < 360  # the clicked slice and a run of slices next to it
         assert np.array_equal(done, np.arange(done[0], done[-1] + 1))
 
 

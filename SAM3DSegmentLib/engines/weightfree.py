@@ -2,7 +2,8 @@
 
 No checkpoint is needed. On one slice, the prompt becomes seeds inside a region of interest (ROI)
 around it, and the random walker of :mod:`.random_walk` (skimage's graph and solver, for the
-foreground only) gives every other ROI pixel the probability of reaching a foreground seed first. The mask is where that probability exceeds 0.5.
+foreground only) gives every other ROI pixel the probability of reaching a foreground seed
+first. The mask is where that probability exceeds 0.5.
 
 Seeds (all sizes are in millimetres and converted with the volume's in-plane spacing):
 
@@ -332,10 +333,5 @@ class RandomWalkerPredictor:
 
     def _random_walk(self, image: np.ndarray, seeds: np.ndarray) -> np.ndarray:
         """Probability of each ROI pixel of belonging to the foreground."""
-        if not np.any(seeds == BACKGROUND):
-            return np.ones(seeds.shape, dtype=np.float32)
-        if not np.any(seeds == 0):
-            return (seeds == FOREGROUND).astype(np.float32)
         data = image if image.std() > 0 else image + np.random.default_rng(0).normal(0, 1e-3, image.shape)
-        spacing = self.pixel_mm / self.pixel_mm.min()
-        return foreground_probability(data, seeds, self.options.beta, spacing, tol=1e-3)
+        return foreground_probability(data, seeds, self.options.beta, self.pixel_mm / self.pixel_mm.min(), tol=1e-3)
