@@ -6,7 +6,13 @@ import pytest
 
 from SAM3DSegmentLib.data.prompts import Box, Point, SlicePrompt
 from SAM3DSegmentLib.data.volume import Volume
-from SAM3DSegmentLib.engines.click_edits import carried_exclusions, cut_excluded, neighbour_box, within_region
+from SAM3DSegmentLib.engines.click_edits import (
+    carried_exclusions,
+    carried_inclusions,
+    cut_excluded,
+    neighbour_box,
+    within_region,
+)
 from SAM3DSegmentLib.engines.session import PropagationOptions, SliceMask, StopRule
 from SAM3DSegmentLib.engines.slicewise import SlicewiseOptions, SlicewiseSession
 from SAM3DSegmentLib.errors import InputError
@@ -98,6 +104,29 @@ def test_an_exclude_click_carries_where_it_is_no_deeper_inside_the_mask_than_on_
     assert carried(9, OBJECT | LEAK) is None  # beyond the reach
 
 
+def test_an_include_click_on_a_missed_part_carries_where_the_mask_misses_it_and_the_tissue_matches():
+    """On slice 5 the click lies in the missed part (the leak), 15 px from the mask: slices 4 and
+    6 whose masks also miss it take it; not a slice whose mask holds it, one beyond the reach, one
+    whose tissue there differs, nor a click beside the mask's rim or from a slice without the
+    object (no box, no mask); a click on the box's slice carries."""
+    click = Point(60, 100, True)
+    anchors = {5: SlicePrompt(0, 5, points=(click,), mask=OBJECT)}
+    image = slice_image()
+
+    def carried(index, mask, here=image, given=anchors):
+        return carried_inclusions(given, index, lambda k: here if k == index else image, reach=3, tolerance=1.0,
+                                  mask=mask)
+
+    assert carried(6, OBJECT).points == (click,) and carried(4, OBJECT).index == 4
+    assert carried(6, OBJECT | LEAK) is None  # the mask holds the click there
+    assert carried(9, OBJECT) is None  # beyond the reach
+    assert carried(6, OBJECT, here=image + 50) is None  # other tissue under the click
+    rim = {5: SlicePrompt(0, 5, points=(Point(60, 81, True),), mask=OBJECT)}  # 2 px beyond its edge
+    assert carried(6, OBJECT, given=rim) is None
+    assert carried(6, OBJECT, given={5: SlicePrompt(0, 5, points=(click,))}) is None
+    assert carried(6, OBJECT, given={5: SlicePrompt(0, 5, points=(click,), box=Box(20, 10, 100, 130))}).points == (click,)
+
+
 def test_a_neighbours_box_is_cut_to_the_clicks_region_where_that_holds_the_clicks():
     box = Box(30, 20, 90, 80)
     click = SlicePrompt(0, 8, points=(Point(60, 50, True),))
@@ -130,6 +159,40 @@ class LeakyBoxOnlyPredictor:
             inside[int(b.row0): int(b.row1) + 1, int(b.col0): int(b.col1) + 1] = True
             present = present & inside
         return SliceMask(present, 1.0 if present.any() else 0.0, 1.0)
+
+
+class PartMissingPredictor:
+    """A test double (not a model): it answers every prompt on the object's slices with the
+    object alone, leaving out the part beside it (the leak region), as a box-trained model that
+    keeps missing a part of an organ; its ``click_region`` is the bright region (object and part)."""
+
+    name = "part-missing"
+    slices_encoded = 0
+
+    def __init__(self, object_slices):
+        self.object_slices = set(object_slices)
+
+    def predict(self, index, prompt, previous=None):
+        present = index in self.object_slices
+        return SliceMask(OBJECT.copy() if present else np.zeros_like(OBJECT), 1.0 if present else 0.0, 1.0)
+
+    def click_region(self, index, prompt):
+        return (OBJECT | LEAK) if index in self.object_slices else np.zeros_like(OBJECT)
+
+
+def test_an_include_click_on_a_missed_part_carries_onto_the_slices_propagated_from_it():
+    image = np.stack([slice_image(k, 1.0) if k in range(3, 9) else np.zeros(OBJECT.shape) for k in range(12)])
+    for setting in (False, True):
+        session = SlicewiseSession(Volume(image.astype(np.float32)), 0, PartMissingPredictor(range(3, 9)),
+                                   SlicewiseOptions(carry_include_clicks=setting))
+        session.add_prompt(1, SlicePrompt(0, 5, box=Box(25, 15, 95, 120)))
+        session.propagate(1, RULE)
+        session.add_prompt(1, SlicePrompt(0, 5, points=(Point(60, 100, True),)))  # on the missed part
+        mask = session.propagate(1, RULE).mask
+        for k in (4, 6, 7, 8):
+            assert bool(mask[k][60, 100]) == setting, (setting, k)
+            assert np.array_equal(mask[k] & OBJECT, OBJECT)
+        assert not mask[9:].any() and not mask[:3].any()  # no slice the object is not on
 
 
 def leaky_session(**options):
@@ -214,11 +277,11 @@ def test_box_trained_models_get_the_click_edits_and_the_tight_box_and_others_do_
     volume = make_sample(shape_kji=(4, 32, 32)).volume
     lite = open_sam_session(volume, 0, build_model("litemedsam", None, "cpu"), "litemedsam", device="cpu")
     assert (lite.options.exclude_clicks, lite.options.empty_slice_clicks) == ("cut", "neighbour_box")
-    assert lite.options.tight_box and lite.predictor.correction == "region_grow"
+    assert lite.options.tight_box and lite.options.carry_include_clicks and lite.predictor.correction == "region_grow"
     chosen = open_sam_session(volume, 0, build_model("litemedsam", None, "cpu"), "litemedsam", device="cpu",
                               exclude_clicks="model")
     assert chosen.options.exclude_clicks == "model" and chosen.options.empty_slice_clicks == "neighbour_box"
     sam = open_sam_session(volume, 0, build_model("sam_vit_b", None, "cpu"), "sam_vit_b", device="cpu")
     assert (sam.options.exclude_clicks, sam.options.empty_slice_clicks) == ("model", "as_given")
-    assert not sam.options.tight_box
+    assert not sam.options.tight_box and not sam.options.carry_include_clicks
     assert sam.predictor.correction == "points+mask"

@@ -43,6 +43,8 @@ CARRY_DEPTH_FACTOR = 1.5
 """... and where it lies at most this many times deeper inside the mask than on its own slice
 (or :data:`CARRY_MIN_DEPTH` pixels)."""
 CARRY_MIN_DEPTH = 2.0
+CARRY_GAP_PX = 3.0
+"""An include click carries onto a slice whose mask it lies at least this far outside."""
 CROP_MARGIN = 4
 RANDOM_WALK_BETA = 130.0
 
@@ -172,6 +174,38 @@ def carried_exclusions(anchors: dict[int, SlicePrompt], index: int, volume_slice
                 if depth_here[r, c] > max(CARRY_MIN_DEPTH, CARRY_DEPTH_FACTOR * _depth(prompt.mask)[r, c]):
                     continue
             points.append(p)
+    if not points:
+        return None
+    axis = next(iter(anchors.values())).axis
+    return SlicePrompt(axis=axis, index=index, points=tuple(points))
+
+
+def carried_inclusions(anchors: dict[int, SlicePrompt], index: int, volume_slice, reach: int,
+                       tolerance: float, mask: np.ndarray) -> SlicePrompt | None:
+    """The include clicks of anchors at most ``reach`` slices from ``index``, carried onto slice
+    ``index`` where ``mask`` (this slice's) misses them by at least :data:`CARRY_GAP_PX` and the
+    tissue under them looks the same (intensity within ``tolerance`` of the clicked pixel's): a
+    part the model left out usually goes on through the next slices. Not a click just beside
+    this slice's rim (a rim missed on one slice says little about the next), nor clicks on a
+    slice without the object (no box, no mask: where they belong is not known yet). None when
+    no click carries."""
+    here = gap = None
+    points = []
+    for k, prompt in anchors.items():
+        if k == index or abs(k - index) > reach:
+            continue
+        if prompt.box is None and (prompt.mask is None or not np.any(prompt.mask)):
+            continue
+        for p in prompt.points:
+            if not p.positive:
+                continue
+            r, c = int(round(p.row)), int(round(p.col))
+            gap = _depth(~np.asarray(mask, dtype=bool)) if gap is None else gap
+            if gap[r, c] < CARRY_GAP_PX:
+                continue
+            here = volume_slice(index) if here is None else here
+            if abs(float(here[r, c]) - float(volume_slice(k)[r, c])) <= tolerance:
+                points.append(p)
     if not points:
         return None
     axis = next(iter(anchors.values())).axis

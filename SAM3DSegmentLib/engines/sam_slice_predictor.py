@@ -473,11 +473,12 @@ def default_strategies(spec: ModelSpec) -> tuple[str, str]:
     return "region_box", "region_grow"
 
 
-BOX_TRAINED_OPTIONS = {"exclude_clicks": "cut", "empty_slice_clicks": "neighbour_box", "tight_box": True}
+BOX_TRAINED_OPTIONS = {"exclude_clicks": "cut", "empty_slice_clicks": "neighbour_box", "tight_box": True,
+                       "carry_include_clicks": True}
 """Session options a box-trained model gets unless given (measured in docs/litemedsam.md): the
 click edits of :mod:`click_edits` (the model cannot take exclude clicks, nor a lone click next to
-the object), and ``tight_box`` in propagation (it fills a loose box with the tissue next to the
-object)."""
+the object, and leaves a missed part out again on the next slices), and ``tight_box`` in
+propagation (it fills a loose box with the tissue next to the object)."""
 
 
 def open_sam_session(

@@ -29,7 +29,9 @@ from .click_edits import (
     CARRY_MM,
     CARRY_TOLERANCE,
     NEIGHBOUR_MAX_GAP,
+    added_around_clicks,
     carried_exclusions,
+    carried_inclusions,
     cut_excluded,
     neighbour_box,
     within_region,
@@ -103,6 +105,10 @@ class SlicewiseOptions:
       higher by :data:`TIGHT_BOX_PREFERENCE` (a box-trained model fills a loose box with the
       tissue next to the object; measured in docs/litemedsam.md). One more decoder run per slice.
       Not between two anchors that hold the object: it may grow on the way.
+    - ``carry_include_clicks``: an include click on a part the model left out also adds the
+      region grown around it on the slices propagated within :data:`click_edits.CARRY_MM` of it,
+      where their masks miss it too (:func:`click_edits.carried_inclusions`; for predictors that
+      grow regions).
     """
 
     projection: Projection = "box"
@@ -116,6 +122,7 @@ class SlicewiseOptions:
     exclude_clicks: ExcludeClicks = "model"
     empty_slice_clicks: EmptySliceClicks = "as_given"
     tight_box: bool = False
+    carry_include_clicks: bool = False
 
     def __post_init__(self) -> None:
         if self.projection not in PROJECTIONS:
@@ -286,6 +293,8 @@ class SlicewiseSession(Session):
                 result = self._next_slice(index, source, tight_box=self.options.tight_box and not between)
                 if self.options.exclude_clicks == "cut":
                     result = self._with_carried_exclusions(object_id, index, result)
+                if self.options.carry_include_clicks:
+                    result = self._with_carried_inclusions(object_id, index, result)
                 likeness = shift = None
                 if tissue is not None:
                     image = get_slice(self.volume.array, self.axis, index)
@@ -316,19 +325,32 @@ class SlicewiseSession(Session):
         """``result`` cut by the exclude clicks of nearby anchors that carry onto this slice."""
         if not result.mask.any():
             return result
-        if self._carry_tolerance is None:
-            sample = self.volume.array[:: max(1, self.volume.shape[0] // 16)]
-            low, high = np.percentile(sample, (1, 99))
-            self._carry_tolerance = CARRY_TOLERANCE * float(high - low)
-        spacing = float(self.volume.spacing_kji[self.axis])
-        reach = max(1, int(round(CARRY_MM / spacing)))
-        carried = carried_exclusions(self._object(object_id).anchors, index,
-                                     lambda k: get_slice(self.volume.array, self.axis, k), reach, self._carry_tolerance,
-                                     result.mask)
+        carried = carried_exclusions(self._object(object_id).anchors, index, *self._carry_terms(), result.mask)
         if carried is None:
             return result
         image = get_slice(self.volume.array, self.axis, index)
         return SliceMask(cut_excluded(result.mask, image, carried), result.score, result.stability, result.extra)
+
+    def _with_carried_inclusions(self, object_id: int, index: int, result: SliceMask) -> SliceMask:
+        """``result`` with the region grown around the include clicks of nearby anchors that
+        carry onto this slice (predictors that grow regions: the SAM family)."""
+        click_region = getattr(self.predictor, "click_region", None)
+        if click_region is None or not result.mask.any():
+            return result
+        carried = carried_inclusions(self._object(object_id).anchors, index, *self._carry_terms(), result.mask)
+        if carried is None:
+            return result
+        region = click_region(index, replace(carried, mask=result.mask))
+        return SliceMask(added_around_clicks(result.mask, region, carried), result.score, result.stability, result.extra)
+
+    def _carry_terms(self) -> tuple:
+        """(slice getter, reach in slices, intensity tolerance) for carrying clicks to nearby slices."""
+        if self._carry_tolerance is None:
+            sample = self.volume.array[:: max(1, self.volume.shape[0] // 16)]
+            low, high = np.percentile(sample, (1, 99))
+            self._carry_tolerance = CARRY_TOLERANCE * float(high - low)
+        reach = max(1, int(round(CARRY_MM / float(self.volume.spacing_kji[self.axis]))))
+        return (lambda k: get_slice(self.volume.array, self.axis, k)), reach, self._carry_tolerance
 
     def _between_filled_anchors(self, object_id: int, run: Run) -> bool:
         """Whether ``run`` goes toward another anchor that holds the object. The object is then
