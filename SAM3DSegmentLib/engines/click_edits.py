@@ -24,6 +24,8 @@ measurement under the CVPR 2025 protocol, docs/litemedsam.md):
 
 from __future__ import annotations
 
+from functools import cache
+
 import numpy as np
 from scipy import ndimage
 
@@ -148,6 +150,29 @@ def _depth(mask: np.ndarray) -> np.ndarray:
     return ndimage.distance_transform_edt(np.asarray(mask, dtype=bool))
 
 
+def _carried(anchors: dict[int, SlicePrompt], index: int, volume_slice, reach: int, tolerance: float,
+             positive: bool, holds) -> SlicePrompt | None:
+    """The clicks of sign ``positive`` of anchors at most ``reach`` slices from ``index`` whose
+    tissue on slice ``index`` looks the same (intensity within ``tolerance`` of the clicked
+    pixel's) and for which ``holds(prompt, row, col)`` is true; None when no click carries."""
+    here = None
+    points = []
+    for k, prompt in anchors.items():
+        if k == index or abs(k - index) > reach:
+            continue
+        for p in prompt.points:
+            if p.positive != positive:
+                continue
+            here = volume_slice(index) if here is None else here
+            r, c = int(round(p.row)), int(round(p.col))
+            if abs(float(here[r, c]) - float(volume_slice(k)[r, c])) <= tolerance and holds(prompt, r, c):
+                points.append(p)
+    if not points:
+        return None
+    axis = next(iter(anchors.values())).axis
+    return SlicePrompt(axis=axis, index=index, points=tuple(points))
+
+
 def carried_exclusions(anchors: dict[int, SlicePrompt], index: int, volume_slice, reach: int,
                        tolerance: float, mask: np.ndarray) -> SlicePrompt | None:
     """The exclude clicks of anchors at most ``reach`` slices from ``index``, carried onto slice
@@ -157,27 +182,14 @@ def carried_exclusions(anchors: dict[int, SlicePrompt], index: int, volume_slice
     :data:`CARRY_DEPTH_FACTOR` times its depth in the mask it joined on its own slice: there it
     is on the object (a click on a box's slice joined no mask and carries by intensity alone).
     ``volume_slice(k)`` gives slice k's intensities. None when no click carries."""
-    here = depth_here = None
-    points = []
-    for k, prompt in anchors.items():
-        if k == index or abs(k - index) > reach:
-            continue
-        for p in prompt.points:
-            if p.positive:
-                continue
-            here = volume_slice(index) if here is None else here
-            r, c = int(round(p.row)), int(round(p.col))
-            if abs(float(here[r, c]) - float(volume_slice(k)[r, c])) > tolerance:
-                continue
-            if prompt.mask is not None:
-                depth_here = _depth(mask) if depth_here is None else depth_here
-                if depth_here[r, c] > max(CARRY_MIN_DEPTH, CARRY_DEPTH_FACTOR * _depth(prompt.mask)[r, c]):
-                    continue
-            points.append(p)
-    if not points:
-        return None
-    axis = next(iter(anchors.values())).axis
-    return SlicePrompt(axis=axis, index=index, points=tuple(points))
+    depth_here = cache(lambda: _depth(mask))  # computed once, when a click needs it
+
+    def shallow_enough(prompt, r, c):
+        if prompt.mask is None:
+            return True
+        return depth_here()[r, c] <= max(CARRY_MIN_DEPTH, CARRY_DEPTH_FACTOR * _depth(prompt.mask)[r, c])
+
+    return _carried(anchors, index, volume_slice, reach, tolerance, False, shallow_enough)
 
 
 def carried_inclusions(anchors: dict[int, SlicePrompt], index: int, volume_slice, reach: int,
@@ -189,27 +201,14 @@ def carried_inclusions(anchors: dict[int, SlicePrompt], index: int, volume_slice
     this slice's rim (a rim missed on one slice says little about the next), nor clicks on a
     slice without the object (no box, no mask: where they belong is not known yet). None when
     no click carries."""
-    here = gap = None
-    points = []
-    for k, prompt in anchors.items():
-        if k == index or abs(k - index) > reach:
-            continue
+    gap = cache(lambda: _depth(~np.asarray(mask, dtype=bool)))  # computed once, when a click needs it
+
+    def far_outside(prompt, r, c):
         if prompt.box is None and (prompt.mask is None or not np.any(prompt.mask)):
-            continue
-        for p in prompt.points:
-            if not p.positive:
-                continue
-            r, c = int(round(p.row)), int(round(p.col))
-            gap = _depth(~np.asarray(mask, dtype=bool)) if gap is None else gap
-            if gap[r, c] < CARRY_GAP_PX:
-                continue
-            here = volume_slice(index) if here is None else here
-            if abs(float(here[r, c]) - float(volume_slice(k)[r, c])) <= tolerance:
-                points.append(p)
-    if not points:
-        return None
-    axis = next(iter(anchors.values())).axis
-    return SlicePrompt(axis=axis, index=index, points=tuple(points))
+            return False
+        return gap()[r, c] >= CARRY_GAP_PX
+
+    return _carried(anchors, index, volume_slice, reach, tolerance, True, far_outside)
 
 
 def missed_clicks(mask: np.ndarray, prompt: SlicePrompt) -> list:

@@ -298,7 +298,8 @@ class SlicewiseSession(Session):
                 likeness = shift = None
                 if tissue is not None:
                     image = get_slice(self.volume.array, self.axis, index)
-                    likeness, shift = tissue.likeness(image, result.mask), tissue.shift(image, result.mask)
+                    likeness = tissue.likeness(image, result.mask)
+                    shift = None if rule.max_shift is None else tissue.shift(image, result.mask)
                 reason = rule.absent_reason(result.mask, result.score, result.stability, source.mask, likeness, shift)
                 if reason is None:
                     masks[index] = result
