@@ -7,6 +7,7 @@ import pytest
 from SAM3DSegmentLib.data.prompts import Box, Point, SlicePrompt
 from SAM3DSegmentLib.data.volume import Volume
 from SAM3DSegmentLib.engines.click_edits import (
+    added_around_clicks,
     carried_exclusions,
     carried_inclusions,
     cut_excluded,
@@ -164,7 +165,8 @@ class LeakyBoxOnlyPredictor:
 class PartMissingPredictor:
     """A test double (not a model): it answers every prompt on the object's slices with the
     object alone, leaving out the part beside it (the leak region), as a box-trained model that
-    keeps missing a part of an organ; its ``click_region`` is the bright region (object and part)."""
+    keeps missing a part of an organ; its ``click_region`` is the bright region (object and part),
+    which it adds around the prompt's own include clicks (as ``region_grow`` does)."""
 
     name = "part-missing"
     slices_encoded = 0
@@ -174,7 +176,10 @@ class PartMissingPredictor:
 
     def predict(self, index, prompt, previous=None):
         present = index in self.object_slices
-        return SliceMask(OBJECT.copy() if present else np.zeros_like(OBJECT), 1.0 if present else 0.0, 1.0)
+        mask = OBJECT.copy() if present else np.zeros_like(OBJECT)
+        if previous is None and present:
+            mask = added_around_clicks(mask, self.click_region(index, prompt), prompt)
+        return SliceMask(mask, 1.0 if present else 0.0, 1.0)
 
     def click_region(self, index, prompt):
         return (OBJECT | LEAK) if index in self.object_slices else np.zeros_like(OBJECT)

@@ -134,3 +134,67 @@ def test_clicks_on_a_propagated_slice_carry_its_current_mask():
     # on a slice without a result a lone exclude click is still refused
     with pytest.raises(PromptError, match="no positive"):
         session.add_prompt(1, SlicePrompt(0, 2, points=(Point(6, 6, positive=False),)))
+
+
+
+KEEP_GOING = PropagationOptions(stop=StopRule(min_area=1, patience=10))
+
+
+def _changed_answer(reference):
+    """The double's next answer: a bump joined to the object on the clicked slice 17, a
+    separate blob on slices 25-26, and a part lost on slices 19-20 (as a re-propagated model
+    might answer)."""
+    answer = reference.copy()
+    answer[16:19, 15:18, 8:12] = True
+    answer[25:27, 2:4, 2:4] = True
+    answer[19:21, 5:8] = False
+    return answer
+
+
+def _propagated_session(volume, reference):
+    session = ReferenceMaskSession(volume, reference)
+    session.add_prompt(1, SlicePrompt(0, 15, points=(Point(10, 10),)))
+    session.propagate(1, KEEP_GOING)
+    return session
+
+
+@pytest.mark.parametrize("one_way", [True, False])
+def test_include_clicks_only_add_what_joins_the_clicked_slice(one_way):
+    volume, reference = _sphere_case()
+    session = _propagated_session(volume, reference)
+    session.clicks_change_one_way = one_way
+    session.reference = _changed_answer(reference)
+    preview = session.add_prompt(1, SlicePrompt(0, 17, points=(Point(16, 9),)))
+    mask = session.propagate(1, KEEP_GOING).mask
+    if not one_way:
+        assert np.array_equal(mask, session.reference)
+        return
+    assert np.array_equal(preview.mask, session.reference[17])
+    expected = reference.copy()
+    expected[16:19, 15:18, 8:12] = True
+    assert np.array_equal(mask, expected)  # no far blob, nothing lost on slices 19-20
+
+
+def test_exclude_clicks_only_remove_what_joins_the_clicked_slice():
+    volume, reference = _sphere_case()
+    session = _propagated_session(volume, reference)
+    answer = reference.copy()
+    answer[16:19, 5:8] = False  # through the clicked slice 17
+    answer[20:22, 12:15] = False  # a separate removal
+    answer[25:27, 2:4, 2:4] = True  # an addition
+    session.reference = answer
+    session.add_prompt(1, SlicePrompt(0, 17, points=(Point(6, 6, positive=False),)))
+    mask = session.propagate(1, KEEP_GOING).mask
+    expected = reference.copy()
+    expected[16:19, 5:8] = False
+    assert np.array_equal(mask, expected)
+
+
+@pytest.mark.parametrize("prompt", [SlicePrompt(0, 17, box=Box(5, 5, 17, 17)),
+                                    SlicePrompt(0, 17, points=(Point(16, 9), Point(6, 6, positive=False)))])
+def test_a_box_or_a_mixed_prompt_changes_the_mask_freely(prompt):
+    volume, reference = _sphere_case()
+    session = _propagated_session(volume, reference)
+    session.reference = _changed_answer(reference)
+    session.add_prompt(1, prompt)
+    assert np.array_equal(session.propagate(1, KEEP_GOING).mask, session.reference)

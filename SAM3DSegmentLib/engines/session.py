@@ -4,7 +4,8 @@ An engine opens a :class:`Session` on one volume. A session holds, per object (s
 anchor prompts and the current 3D mask. ``add_prompt`` returns a fast 2D preview of the
 prompted slice; ``propagate`` computes only the runs that the changed anchors affect (see
 :mod:`anchors`), reports progress per slice, honours a cancel flag between slices, and leaves
-the object's mask unchanged when cancelled or failed.
+the object's mask unchanged when cancelled or failed. Clicks of one sign that correct a
+propagated result change it one way only (:attr:`Session.clicks_change_one_way`).
 
 An engine subclass implements two methods:
 
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import numpy as np
+from scipy import ndimage
 
 from ..data.prompts import SlicePrompt
 from ..data.volume import Volume, get_slice
@@ -239,6 +241,9 @@ class _ObjectState:
     scores: dict[int, float] = field(default_factory=dict)
     changed: set[int] = field(default_factory=set)
     last_options: PropagationOptions | None = None
+    edit: str | None = None
+    """What was added since the last propagation: None (nothing), "include" or "exclude" (clicks
+    of that sign alone on a filled volume), or "other"."""
 
 
 class Session(ABC):
@@ -246,6 +251,11 @@ class Session(ABC):
 
     engine_name = "engine"
     refines_propagated_slices = True
+    clicks_change_one_way = True
+    """Clicks of one sign that refine a propagated result move it their way only: include clicks
+    add, exclude clicks remove, and only where the change reaches the clicked slices (3D
+    connected); the rest of the volume stays as it was (CVPR 2025 protocol, docs/results.md).
+    Not for engines that start over from include clicks (``refines_propagated_slices`` False)."""
 
     def __init__(self, volume: Volume, axis: int = 0):
         if axis not in (0, 1, 2):
@@ -316,6 +326,7 @@ class Session(ABC):
     def _add_to(self, object_id: int, state: "_ObjectState", prompt: SlicePrompt, replace_existing: bool) -> Preview:
         previous = state.anchors.get(prompt.index)
         refine = self.refines_propagated_slices or not prompt.has_positive_input
+        edit = self._edit_kind(state, prompt, replace_existing)
         if refine and previous is None and prompt.mask is None and state.mask is not None:
             current = get_slice(state.mask, self.axis, prompt.index)
             if current.any():  # clicks on a propagated slice refine its result, as in SAM's demos
@@ -327,10 +338,25 @@ class Session(ABC):
             result = SliceMask(mask=np.asarray(combined.mask, dtype=bool).copy(), score=1.0)
         else:
             result = self._predict_anchor(object_id, combined)
+        if edit in ("include", "exclude"):
+            current = get_slice(state.mask, self.axis, prompt.index)
+            one_way = result.mask | current if edit == "include" else result.mask & current
+            result = replace(result, mask=one_way)
+        state.edit = edit if state.edit in (None, edit) else "other"
         state.anchors[prompt.index] = combined
         state.anchor_results[prompt.index] = result
         state.changed.add(prompt.index)
         return Preview(self.axis, prompt.index, result.mask, result.score, time.perf_counter() - started)
+
+    def _edit_kind(self, state: "_ObjectState", prompt: SlicePrompt, replace_existing: bool) -> str:
+        """"include" / "exclude" for clicks of that sign alone that refine a filled volume (when
+        :attr:`clicks_change_one_way`), else "other"."""
+        if not (self.clicks_change_one_way and self.refines_propagated_slices) or state.mask is None or replace_existing:
+            return "other"
+        if prompt.box is not None or prompt.mask is not None or not prompt.points:
+            return "other"
+        signs = {p.positive for p in prompt.points}
+        return "other" if len(signs) > 1 else ("include" if signs.pop() else "exclude")
 
     def set_slice_mask(self, object_id: int, index: int, mask: np.ndarray) -> Preview:
         """Make an edited slice an anchor whose result is exactly ``mask``."""
@@ -349,6 +375,7 @@ class Session(ABC):
         state.changed.discard(index)
         neighbours = ordered[max(0, position - 1): position] + ordered[position + 1: position + 2]
         state.changed.update(neighbours)
+        state.edit = "other"
         if not state.anchors:
             del self._objects[object_id]
 
@@ -403,9 +430,12 @@ class Session(ABC):
             if result.score is not None:
                 scores[index] = float(result.score)
 
+        if not first_time and state.edit in ("include", "exclude"):
+            mask = self._one_way(state.mask, mask, state.edit == "include", sorted(state.changed))
         state.mask, state.scores = mask, scores
         state.changed.clear()
         state.last_options = options
+        state.edit = None
         return PropagationResult(
             object_id=object_id,
             axis=self.axis,
@@ -417,6 +447,15 @@ class Session(ABC):
             seconds=time.perf_counter() - started,
             engine=self.engine_name,
         )
+
+    def _one_way(self, old: np.ndarray, new: np.ndarray, include: bool, clicked: list[int]) -> np.ndarray:
+        """``old`` with the additions (``include``) or removals of ``new`` that are 3D connected
+        to those on the ``clicked`` slices."""
+        change = new & ~old if include else old & ~new
+        labels, _ = ndimage.label(change, structure=np.ones((3, 3, 3), dtype=bool))
+        picked = np.unique(np.concatenate([get_slice(labels, self.axis, k).ravel() for k in clicked]))
+        kept = np.isin(labels, picked[picked > 0])
+        return old | kept if include else old & ~kept
 
     def close(self) -> None:
         """Release features and model state held by the session."""
