@@ -327,10 +327,10 @@ class Session(ABC):
         previous = state.anchors.get(prompt.index)
         refine = self.refines_propagated_slices or not prompt.has_positive_input
         edit = self._edit_kind(state, prompt, replace_existing)
-        if refine and previous is None and prompt.mask is None and state.mask is not None:
-            current = get_slice(state.mask, self.axis, prompt.index)
-            if current.any():  # clicks on a propagated slice refine its result, as in SAM's demos
-                prompt = replace(prompt, mask=current.copy())
+        current = None if state.mask is None else get_slice(state.mask, self.axis, prompt.index)
+        if refine and previous is None and prompt.mask is None and current is not None and current.any():
+            # clicks on a propagated slice refine its result, as in SAM's demos
+            prompt = replace(prompt, mask=current.copy())
         combined = prompt if previous is None or replace_existing else previous.merged(prompt)
         combined.validate(self.volume.shape)
         started = time.perf_counter()
@@ -338,10 +338,10 @@ class Session(ABC):
             result = SliceMask(mask=np.asarray(combined.mask, dtype=bool).copy(), score=1.0)
         else:
             result = self._predict_anchor(object_id, combined)
-        if edit in ("include", "exclude"):
-            current = get_slice(state.mask, self.axis, prompt.index)
-            one_way = result.mask | current if edit == "include" else result.mask & current
-            result = replace(result, mask=one_way)
+        if edit == "include":
+            result = replace(result, mask=result.mask | current)
+        elif edit == "exclude":
+            result = replace(result, mask=result.mask & current)
         state.edit = edit if state.edit in (None, edit) else "other"
         state.anchors[prompt.index] = combined
         state.anchor_results[prompt.index] = result
@@ -351,7 +351,8 @@ class Session(ABC):
     def _edit_kind(self, state: "_ObjectState", prompt: SlicePrompt, replace_existing: bool) -> str:
         """"include" / "exclude" for clicks of that sign alone that refine a filled volume (when
         :attr:`clicks_change_one_way`), else "other"."""
-        if not (self.clicks_change_one_way and self.refines_propagated_slices) or state.mask is None or replace_existing:
+        one_way = self.clicks_change_one_way and self.refines_propagated_slices
+        if not one_way or state.mask is None or replace_existing:
             return "other"
         if prompt.box is not None or prompt.mask is not None or not prompt.points:
             return "other"
